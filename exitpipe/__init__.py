@@ -1,0 +1,1 @@
+"""The composition root: settings and the command line. Nothing imports this package."""

@@ -1,0 +1,89 @@
+"""Settings from flags, then ``EXITPIPE_*`` environment variables, then defaults (DESIGN 6)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_spool() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "exitpipe" / "spool"
+
+
+class Settings(BaseSettings):
+    """Every setting of exitpipe; the README's table is generated from this model."""
+
+    model_config = SettingsConfigDict(env_prefix="EXITPIPE_", extra="ignore")
+
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        description="Broker URL (amqp:// or amqps://).",
+    )
+    amqp_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies the broker's certificate for amqps:// URLs."
+    )
+    namespace: str = Field(
+        "exitpipe",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="Prefix of every exchange and queue, so deployments can share a broker.",
+    )
+    store: str = Field(
+        "sqlite:///exitpipe.db",
+        description="Job store: sqlite:///relative.db, sqlite:////abs.db or postgresql://...",
+    )
+    policy: str = Field("nvflare-2.8", description="Built-in policy name or a TOML policy file.")
+    spool_dir: Path = Field(
+        default_factory=_default_spool,
+        description="Where report/launch keep events the broker could not take.",
+    )
+    heartbeat: int = Field(
+        30, ge=1, le=600, description="AMQP heartbeat in seconds (0 would disable it: refused)."
+    )
+    retry_seconds: float = Field(
+        30.0, gt=0, description="Total time a publish or connect is retried before giving up."
+    )
+    prefetch: int = Field(500, ge=1, le=65535, description="Unacked deliveries per consumer.")
+    batch_size: int = Field(
+        200, ge=1, description="Most events the job-state consumer commits in one transaction."
+    )
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="Longest the job-state consumer waits to fill a batch."
+    )
+    delivery_limit: int = Field(
+        5, ge=1, description="Deliveries before a work-queue message is dead-lettered."
+    )
+    archive_max_age: str = Field(
+        "7D", pattern=r"^\d+[YMDhms]$", description="Archive stream retention by age."
+    )
+    archive_max_bytes: int = Field(
+        1_000_000_000, ge=1, description="Archive stream retention by size, in bytes."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of /metrics and /healthz (off when unset)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Daemon log lines.")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced by ``***``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,1 @@
+"""The contract of exitpipe: codes, statuses, wire models and topology names. Data only, no I/O."""

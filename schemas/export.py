@@ -1,0 +1,26 @@
+"""Write the models' JSON Schema to ``schemas/json`` (``python -m schemas.export``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from schemas.events import json_schemas
+
+JSON_DIR = Path(__file__).with_name("json")
+
+
+def render(schema: dict[str, object]) -> str:
+    """The canonical text of one schema file."""
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    """Rewrite every exported schema file."""
+    for name, schema in json_schemas().items():
+        (JSON_DIR / name).write_text(render(schema), encoding="utf-8")
+        print(f"wrote {JSON_DIR / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Broker names and arguments of DESIGN section 4, as data.
+
+Everything here is a pure function of the namespace and the retention settings, so that
+``exitpipe topology``, ``--check``, the daemons and the tests declare exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.codes import Action, JobStatus
+from schemas.events import Event, ExitEvent, LifecycleEvent, Transition
+
+DEFAULT_NAMESPACE = "exitpipe"
+DEFAULT_DELIVERY_LIMIT = 5
+DEFAULT_ARCHIVE_MAX_AGE = "7D"
+DEFAULT_ARCHIVE_MAX_BYTES = 1_000_000_000
+ERROR_HEADER = "x-exitpipe-error"
+SOURCE_HEADER = "x-exitpipe-source"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    kind: str = "topic"
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key pattern)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The names of one namespace's exchanges and queues."""
+
+    ns: str
+
+    @property
+    def events(self) -> str:
+        return f"{self.ns}.events"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.ns}.jobs"
+
+    @property
+    def classify(self) -> str:
+        return f"{self.ns}.classify"
+
+    @property
+    def job_state(self) -> str:
+        return f"{self.ns}.job-state"
+
+    @property
+    def archive(self) -> str:
+        return f"{self.ns}.archive"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}.dead"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.ns}.dead-letters"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Everything one namespace declares."""
+
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+
+
+def _work_queue(names: Names, name: str, binding: tuple[str, str], limit: int) -> Queue:
+    # At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ's
+    # default at-most-once strategy drops a dead letter whose target is missing.
+    return Queue(
+        name,
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": limit,
+            "x-dead-letter-exchange": names.dead,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+        (binding,),
+    )
+
+
+def topology(
+    ns: str = DEFAULT_NAMESPACE,
+    *,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    archive_max_age: str = DEFAULT_ARCHIVE_MAX_AGE,
+    archive_max_bytes: int = DEFAULT_ARCHIVE_MAX_BYTES,
+) -> Topology:
+    """The exchanges and queues of namespace ``ns``."""
+    n = Names(ns)
+    return Topology(
+        exchanges=(Exchange(n.events), Exchange(n.jobs), Exchange(n.dead)),
+        queues=(
+            _work_queue(n, n.classify, (n.events, "exit.#"), delivery_limit),
+            _work_queue(n, n.job_state, (n.jobs, "#"), delivery_limit),
+            Queue(
+                n.archive,
+                {
+                    "x-queue-type": "stream",
+                    "x-max-age": archive_max_age,
+                    "x-max-length-bytes": archive_max_bytes,
+                },
+                ((n.events, "#"), (n.jobs, "#")),
+            ),
+            Queue(n.dead_letters, {"x-queue-type": "quorum"}, ((n.dead, "#"),)),
+        ),
+    )
+
+
+def status_key(status: JobStatus) -> str:
+    """A status as a routing-key word: ``FINISHED:ABORTED`` -> ``FINISHED.ABORTED``."""
+    return status.value.replace(":", ".")
+
+
+def route(names: Names, event: Event) -> tuple[str, str]:
+    """The exchange and routing key an event is published with."""
+    if isinstance(event, ExitEvent):
+        return names.events, f"exit.{event.site}"
+    if isinstance(event, LifecycleEvent):
+        return names.jobs, f"lifecycle.{status_key(event.status)}"
+    if isinstance(event, Transition):
+        return names.jobs, f"transition.{Action(event.action).value}"
+    raise TypeError(f"not an event: {type(event).__name__}")

@@ -1,0 +1,102 @@
+"""The job store in memory: the port's exact semantics with dicts, for replay and unit tests.
+
+A batch is staged in a ``_Batch`` overlay and merged only when every event of it has been
+applied, so a batch commits whole, like the SQL stores' one transaction, at a cost that grows
+with the batch and not with the store.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from consumers.state import HistoryRow, Job, JobEvent, apply
+from consumers.store import Applied, JobSummary, JobView
+from consumers.store._shared import Clock, check_limit, normalised, utc, utc_now
+from schemas.codes import JobStatus
+
+
+@dataclass(frozen=True)
+class _JobRecord:
+    job: Job
+    updated_at: datetime
+
+
+@dataclass
+class _Batch:
+    """Writes of one batch, read through before the committed state."""
+
+    jobs: dict[str, _JobRecord] = field(default_factory=dict)
+    rows: dict[str, HistoryRow] = field(default_factory=dict)
+    new: builtins.list[HistoryRow] = field(default_factory=builtins.list)
+
+
+class MemoryStore:
+    """A ``Store`` in dicts; ``clock`` gives each batch's ``recorded_at``."""
+
+    def __init__(self, clock: Clock = utc_now) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _JobRecord] = {}
+        self._rows: dict[str, HistoryRow] = {}  # the inbox: every event id, any job
+        self._order: dict[str, builtins.list[str]] = {}  # job id -> event ids, oldest first
+
+    def apply_batch(self, events: Sequence[JobEvent]) -> builtins.list[Applied]:
+        """Apply events in order; all of the batch is kept, or none of it."""
+        with self._lock:
+            batch = _Batch()
+            now = utc(self._clock())
+            results = [self._apply_one(batch, event, now) for event in events]
+            self._commit(batch)
+            return results
+
+    def _apply_one(self, batch: _Batch, event: JobEvent, now: datetime) -> Applied:
+        event_id = str(event.event_id)
+        seen = batch.rows.get(event_id) or self._rows.get(event_id)
+        if seen is not None:
+            counted = replace(seen, duplicates=seen.duplicates + 1)
+            batch.rows[event_id] = counted
+            return Applied(row=counted, duplicate=True)
+        job = self._job(batch, event.job_id)
+        after, row = apply(job, event, now)
+        row = normalised(row)
+        batch.jobs[event.job_id] = _JobRecord(after, now)
+        batch.rows[event_id] = row
+        batch.new.append(row)
+        return Applied(row=row, duplicate=False)
+
+    def _job(self, batch: _Batch, job_id: str) -> Job:
+        record = batch.jobs.get(job_id) or self._jobs.get(job_id)
+        return record.job if record else Job(job_id=job_id)
+
+    def _commit(self, batch: _Batch) -> None:
+        self._jobs.update(batch.jobs)
+        self._rows.update(batch.rows)
+        for row in batch.new:
+            self._order.setdefault(row.job_id, []).append(row.event_id)
+
+    def get(self, job_id: str) -> JobView | None:
+        """A job and its history, oldest row first; None for a job never seen."""
+        with self._lock:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return None
+            history = tuple(self._rows[e] for e in self._order.get(job_id, ()))
+            job = record.job
+            return JobView(job_id, job.status, job.sites, record.updated_at, history)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def list(
+        self, status: JobStatus | None = None, limit: int | None = None
+    ) -> builtins.list[JobSummary]:
+        """Jobs (only those in ``status`` when given), oldest update first."""
+        check_limit(limit)
+        with self._lock:
+            records = [r for r in self._jobs.values() if status is None or r.job.status == status]
+        records.sort(key=lambda r: (r.updated_at, r.job.job_id))
+        return [JobSummary(r.job.job_id, r.job.status, r.updated_at) for r in records[:limit]]

@@ -1,0 +1,104 @@
+"""Fixtures shared by every test: real services, one namespace per test.
+
+The broker comes from EXITPIPE_TEST_AMQP_URL, else testcontainers' RabbitMQ when a Docker
+engine answers, else the test is skipped with a message saying how to provide one. PostgreSQL
+likewise from EXITPIPE_TEST_PG_URL. Under CI=true nothing may be skipped for want of a service.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pika
+import psycopg
+import pytest
+
+from schemas.topology import topology
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+def _missing(what: str, variable: str) -> None:
+    message = (
+        f"no {what}: set {variable} (e.g. EXITPIPE_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2F"
+        f" or EXITPIPE_TEST_PG_URL=postgresql://postgres@127.0.0.1:5432/test) or start a Docker engine"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(message + " -- CI must not skip service tests")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A real RabbitMQ broker's URL."""
+    url = os.environ.get("EXITPIPE_TEST_AMQP_URL")
+    if url:
+        yield url
+        return
+    if not _docker_answers():
+        _missing("RabbitMQ broker", "EXITPIPE_TEST_AMQP_URL")
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.10-management") as rabbit:
+        params = rabbit.get_connection_params()
+        yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL server's URL."""
+    url = os.environ.get("EXITPIPE_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    if not _docker_answers():
+        _missing("PostgreSQL server", "EXITPIPE_TEST_PG_URL")
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:15", driver=None) as pg:
+        yield pg.get_connection_url()
+
+
+@pytest.fixture
+def namespace(amqp_url: str) -> Iterator[str]:
+    """A namespace of this test's own; its exchanges and queues are deleted afterwards."""
+    ns = f"t-{uuid.uuid4().hex[:10]}"
+    yield ns
+    delete_namespace(amqp_url, ns)
+
+
+def delete_namespace(amqp_url: str, ns: str) -> None:
+    """Delete every exchange and queue of ``ns`` (missing ones are fine)."""
+    topo = topology(ns)
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = conn.channel()
+        for q in topo.queues:
+            ch.queue_delete(q.name)
+        for ex in topo.exchanges:
+            ch.exchange_delete(ex.name)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def pg_store_url(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL store URL whose tables live in a schema of this test's own."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in pg_url else "?"
+    yield f"{pg_url}{sep}options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producers.errors import redact as redact  # one redaction for the whole project
 
 
 def _default_spool() -> Path:
@@ -75,15 +77,3 @@ class Settings(BaseSettings):
         if urlsplit(value).scheme not in ("amqp", "amqps"):
             raise ValueError("must start with amqp:// or amqps://")
         return value
-
-
-def redact(url: str) -> str:
-    """A URL with its password replaced by ``***``, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,237 @@
+"""The topology adapter: declare or check DESIGN section 4 on a broker.
+
+Declaring is rare and one-off (``exitpipe topology``, a daemon's start), so a plain
+``BlockingConnection`` does it. A lost or refused connection is retried with backoff for
+``retry_seconds``; a failed login and a channel error are not: a declaration the broker
+refuses (406 PRECONDITION_FAILED: the object exists with other arguments) is a bug or a
+deployment to fix, never weather.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+from tenacity import RetryCallState, Retrying, retry_if_exception
+
+from producers.errors import BrokerError, BrokerUnreachable, TopologyMismatch, redact
+from producers.publisher import BACKOFF, LOGIN_REFUSED, connection_parameters, describe
+from schemas.topology import Exchange, Queue, Topology
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Channel = Any  # pika's BlockingChannel; pika ships no type information
+
+
+def declare_topology(
+    url: str,
+    topo: Topology,
+    *,
+    retry_seconds: float = 30.0,
+    connect_timeout: float = 5.0,
+    ca_file: Path | str | None = None,
+) -> None:
+    """Declare every exchange, queue (with its arguments) and binding; idempotent.
+
+    Raises ``TopologyMismatch`` naming the first object that exists with other arguments,
+    ``BrokerUnreachable`` when no connection could be had within ``retry_seconds``.
+    """
+    _with_connection(
+        url, lambda conn: _declare(conn, topo), retry_seconds, connect_timeout, ca_file
+    )
+
+
+def check_topology(
+    url: str,
+    topo: Topology,
+    *,
+    retry_seconds: float = 30.0,
+    connect_timeout: float = 5.0,
+    ca_file: Path | str | None = None,
+) -> list[str]:
+    """One line per missing or differently declared object; empty when all is as declared.
+
+    Each exchange and queue is first declared passively (does it exist?) and then, only if
+    it does, declared again with the expected kind and arguments on a fresh channel: the
+    broker answers 406 PRECONDITION_FAILED when they differ (a failed declare closes its
+    channel, hence one channel per probe). Nothing missing is ever created.
+
+    Bindings cannot be read over AMQP 0-9-1. When a binding's exchange and queue both exist
+    as declared, the binding is checked by redeclaring it, which is idempotent: an existing
+    binding is left alone and a missing one is put back, so such a binding is never reported
+    but is guaranteed afterwards. When an end is missing the binding is reported missing; when
+    an end is declared differently, it is reported as not checked.
+    """
+    return _with_connection(
+        url, lambda conn: _check(conn, topo), retry_seconds, connect_timeout, ca_file
+    )
+
+
+@dataclass(frozen=True)
+class _Object:
+    """An exchange or a queue, with the two ways of declaring it."""
+
+    kind: str
+    name: str
+    declare: Callable[[Channel], object]
+    exists: Callable[[Channel], object]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def _objects(topo: Topology) -> list[_Object]:
+    exchanges = [
+        _Object(
+            "exchange", e.name, partial(_exchange, exchange=e), partial(_exchange_exists, e.name)
+        )
+        for e in topo.exchanges
+    ]
+    queues = [
+        _Object("queue", q.name, partial(_queue, queue=q), partial(_queue_exists, q.name))
+        for q in topo.queues
+    ]
+    return exchanges + queues
+
+
+def _bindings(topo: Topology) -> list[tuple[str, str, str]]:
+    """(queue, exchange, routing key) of every binding."""
+    return [(q.name, exchange, key) for q in topo.queues for exchange, key in q.bindings]
+
+
+def _declare(conn: Any, topo: Topology) -> None:
+    for obj in _objects(topo):
+        try:
+            _on_fresh_channel(conn, obj.declare)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise _refused_declaration(obj, exc) from exc
+    for queue, exchange, key in _bindings(topo):
+        _on_fresh_channel(conn, partial(_bind, queue=queue, exchange=exchange, key=key))
+
+
+def _refused_declaration(obj: _Object, exc: pika.exceptions.ChannelClosedByBroker) -> BrokerError:
+    if exc.reply_code == 406:
+        return TopologyMismatch(
+            f"{obj}: exists with other arguments ({exc.reply_text});"
+            " see `exitpipe topology --check`"
+        )
+    return BrokerError(f"{obj}: the broker refused the declaration ({exc.reply_text})")
+
+
+def _check(conn: Any, topo: Topology) -> list[str]:
+    problems: list[str] = []
+    trouble: dict[str, str] = {}  # name -> what is wrong with it
+    for obj in _objects(topo):
+        problem = _probe(conn, obj)
+        if problem is not None:
+            trouble[obj.name] = problem
+            problems.append(f"{obj}: {problem}")
+    for queue, exchange, key in _bindings(topo):
+        if exchange in trouble or queue in trouble:
+            missing = "missing" in (trouble.get(exchange), trouble.get(queue))
+            verdict = "missing" if missing else "not checked, as an end is declared differently"
+            problems.append(f"binding {exchange} -> {queue} ({key}): {verdict}")
+        else:
+            _on_fresh_channel(conn, partial(_bind, queue=queue, exchange=exchange, key=key))
+    return problems
+
+
+def _probe(conn: Any, obj: _Object) -> str | None:
+    """What is wrong with one exchange or queue, ``None`` when nothing is."""
+    for step in (obj.exists, obj.declare):
+        try:
+            _on_fresh_channel(conn, step)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return _reason(exc)
+    return None
+
+
+def _reason(exc: pika.exceptions.ChannelClosedByBroker) -> str:
+    if exc.reply_code == 404:
+        return "missing"
+    if exc.reply_code == 406:
+        return f"declared differently ({exc.reply_text})"
+    return str(exc.reply_text)
+
+
+def _exchange(channel: Channel, exchange: Exchange) -> None:
+    channel.exchange_declare(exchange.name, exchange_type=exchange.kind, durable=True)
+
+
+def _exchange_exists(name: str, channel: Channel) -> None:
+    channel.exchange_declare(name, passive=True)
+
+
+def _queue(channel: Channel, queue: Queue) -> None:
+    channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+
+
+def _queue_exists(name: str, channel: Channel) -> None:
+    channel.queue_declare(name, passive=True)
+
+
+def _bind(channel: Channel, queue: str, exchange: str, key: str) -> None:
+    channel.queue_bind(queue, exchange, routing_key=key)
+
+
+def _on_fresh_channel(conn: Any, step: Callable[[Channel], object]) -> None:
+    channel = conn.channel()
+    step(channel)
+    channel.close()
+
+
+def _weather(exc: BaseException) -> bool:
+    """Connection trouble is retried; a refused login and channel errors are not."""
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
+        exc, LOGIN_REFUSED
+    )
+
+
+def _with_connection(
+    url: str,
+    work: Callable[[Any], T],
+    retry_seconds: float,
+    connect_timeout: float,
+    ca_file: Path | str | None,
+) -> T:
+    """Run ``work`` on a fresh connection, retrying the whole of it on connection trouble."""
+    params = connection_parameters(url, connect_timeout=connect_timeout, ca_file=ca_file)
+
+    def out_of_budget(state: RetryCallState) -> bool:
+        return (state.seconds_since_start or 0.0) + state.upcoming_sleep > retry_seconds
+
+    def say(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        why = describe(error) if error else "?"
+        log.warning("broker %s: %s; retrying in %.2fs", redact(url), why, state.upcoming_sleep)
+
+    retrying = Retrying(
+        retry=retry_if_exception(_weather),
+        stop=out_of_budget,
+        wait=BACKOFF,
+        before_sleep=say,
+        reraise=True,
+    )
+    try:
+        result: T = retrying(_connected, params, work)
+        return result
+    except pika.exceptions.AMQPConnectionError as exc:
+        raise BrokerUnreachable(f"broker {redact(url)} unreachable: {describe(exc)}") from exc
+    except pika.exceptions.AMQPChannelError as exc:
+        raise BrokerError(f"broker {redact(url)}: {describe(exc)}") from exc
+
+
+def _connected(params: Any, work: Callable[[Any], T]) -> T:
+    conn = pika.BlockingConnection(params)
+    try:
+        return work(conn)
+    finally:
+        if conn.is_open:
+            conn.close()

@@ -31,8 +31,9 @@ def _docker_answers() -> bool:
 
 def _missing(what: str, variable: str) -> None:
     message = (
-        f"no {what}: set {variable} (e.g. EXITPIPE_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2F"
-        f" or EXITPIPE_TEST_PG_URL=postgresql://postgres@127.0.0.1:5432/test) or start a Docker engine"
+        f"no {what}: set {variable} (e.g. EXITPIPE_TEST_AMQP_URL="
+        "amqp://guest:guest@127.0.0.1:5672/%2F or EXITPIPE_TEST_PG_URL="
+        "postgresql://postgres@127.0.0.1:5432/test) or start a Docker engine"
     )
     if os.environ.get("CI"):
         pytest.fail(message + " -- CI must not skip service tests")

@@ -1,0 +1,468 @@
+"""The consume adapter: one connection, one channel, one queue, and nothing else talks AMQP.
+
+Handlers decide, the adapter acts. A handler looks at a ``Delivery`` and returns an action
+(``Ack``, ``Forward``, ``DeadLetter``, ``Requeue``), or returns None and settles later from
+any thread through ``Consumer.settle`` (the job-state consumer commits in a worker thread so
+the I/O loop keeps heartbeats going while the database works).
+
+Speed comes from never waiting on the wire: forwards and dead letters are published with
+many confirms in flight, and inputs are acked in delivery order with ``multiple=True`` up to
+the highest tag whose own work is done (the watermark), at most once per loop turn.
+
+A lost connection drops every unsettled delivery (the broker redelivers them; the store's
+inbox makes the second application a no-op), and the consumer reconnects with tenacity's
+exponential backoff until it is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from producers.publisher import connection_parameters
+from schemas.topology import ERROR_HEADER, SOURCE_HEADER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as received; ``generation`` names the channel it came on."""
+
+    tag: int
+    body: bytes
+    properties: BasicProperties
+    routing_key: str
+    redelivered: bool
+    generation: int
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Done: acknowledge the input."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Publish this (with a confirm), then acknowledge the input."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Bad input: republish the original to the dead-letter exchange with the reason, then ack."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Give the input back to the broker (counts against the delivery limit)."""
+
+
+Action = Ack | Forward | DeadLetter | Requeue
+ACK = Ack()
+
+
+class Handler(Protocol):
+    """Decides what to do with each delivery; returns None to settle later."""
+
+    def handle(self, delivery: Delivery) -> Action | None: ...
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """Where and how to consume."""
+
+    url: str
+    queue: str
+    dead_exchange: str
+    prefetch: int = 500
+    heartbeat: int = 30
+    stop_grace: float = 20.0
+    name: str = "consumer"
+    ca_file: Path | None = None
+
+
+class ConnectionLost(Exception):
+    """The broker could not be reached, or the connection dropped before it was consuming."""
+
+
+_WAITING, _DONE = 0, 1
+_PERSISTENT = 2
+
+
+class Consumer:
+    """Consumes one queue until ``stop()``; reconnects on its own."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        handler: Handler,
+        *,
+        on_settled: Callable[[Delivery, Action], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self._on_settled = on_settled or (lambda d, a: None)
+        self._on_reconnect = on_reconnect or (lambda: None)
+        self._stop_requested = threading.Event()
+        self._connection: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._consumer_tag: str | None = None
+        self._generation = 0
+        self._consuming = False
+        self._stopping = False
+        self._cancelled = False
+        self._reset_channel_state()
+
+    # -- public, any thread --------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while the channel is open and consuming (the health endpoint's answer)."""
+        return self._consuming
+
+    def run(self) -> None:
+        """Consume until stopped; reconnect with backoff whenever the connection goes away."""
+        while not self._stop_requested.is_set():
+            retrying = Retrying(
+                retry=retry_if_exception_type(ConnectionLost),
+                wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+                sleep=self._pause,
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            try:
+                retrying(self._run_connection)
+            except ConnectionLost:  # only when stopped during a backoff sleep
+                return
+            if not self._stop_requested.is_set():
+                self._on_reconnect()
+
+    def _pause(self, seconds: float) -> None:
+        self._stop_requested.wait(seconds)  # a stop cuts the backoff short
+
+    def stop(self) -> None:
+        """Stop consuming, finish what is in hand, close. Safe from signal handlers."""
+        self._stop_requested.set()
+        conn = self._connection
+        if conn is not None:
+            with contextlib.suppress(Exception):  # the loop is already gone
+                conn.ioloop.add_callback_threadsafe(self._begin_stop)
+
+    def settle(self, items: Sequence[tuple[Delivery, Action]]) -> None:
+        """Settle deliveries from any thread (the job-state worker calls this after commit)."""
+        conn = self._connection
+        if conn is None:
+            return
+        try:
+            conn.ioloop.add_callback_threadsafe(lambda: self._settle_many(items))
+        except Exception:  # connection closed meanwhile; the broker will redeliver
+            log.debug("settle after close dropped %d deliveries", len(items))
+
+    # -- connection lifecycle (I/O loop thread) --------------------------------------------
+
+    def _run_connection(self) -> None:
+        """One connection, from open to close; raises ConnectionLost if it never consumed."""
+        if self._stop_requested.is_set():
+            return
+        params = connection_parameters(
+            self.config.url, heartbeat=self.config.heartbeat, ca_file=self.config.ca_file
+        )
+        params.blocked_connection_timeout = max(30, 3 * self.config.heartbeat)
+        self._ever_consumed = False
+        self._connection = SelectConnection(
+            params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+        )
+        try:
+            self._connection.ioloop.start()
+        finally:
+            self._consuming = False
+            self._connection = None
+            self._channel = None
+        if not self._ever_consumed and not self._stop_requested.is_set():
+            raise ConnectionLost(f"{self.config.name}: could not start consuming")
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: broker unavailable (%s); retry %d in %.1fs",
+            self.config.name,
+            exc,
+            state.attempt_number,
+            state.upcoming_sleep,
+        )
+
+    def _on_connection_open(self, conn: SelectConnection) -> None:
+        conn.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, conn: SelectConnection, err: BaseException) -> None:
+        log.warning("%s: cannot connect: %s", self.config.name, _describe(err))
+        conn.ioloop.stop()
+
+    def _on_connection_closed(self, conn: SelectConnection, reason: BaseException) -> None:
+        if not self._stop_requested.is_set():
+            log.warning("%s: connection closed: %s", self.config.name, _describe(reason))
+        conn.ioloop.stop()
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._generation += 1
+        self._reset_channel_state()
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_broker_cancel)
+        channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
+
+    def _on_confirm_mode(self, _frame: Any) -> None:
+        assert self._channel is not None
+        self._channel.basic_qos(prefetch_count=self.config.prefetch, callback=self._on_qos)
+
+    def _on_qos(self, _frame: Any) -> None:
+        assert self._channel is not None
+        if self._stop_requested.is_set():
+            self._close()
+            return
+        self._consumer_tag = self._channel.basic_consume(
+            self.config.queue, self._on_message, auto_ack=False
+        )
+        self._consuming = self._ever_consumed = True
+        log.info("%s: consuming %s", self.config.name, self.config.queue)
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        self._consuming = False
+        if not self._stop_requested.is_set():
+            log.warning("%s: channel closed: %s", self.config.name, _describe(reason))
+        conn = self._connection
+        if conn is not None and not (conn.is_closing or conn.is_closed):
+            conn.close()
+
+    def _on_broker_cancel(self, _frame: Any) -> None:
+        log.warning("%s: the broker cancelled the consumer (queue deleted?)", self.config.name)
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open or self._stopping:
+            return
+        self._stopping = True
+        if self._consumer_tag is not None:
+            channel.basic_cancel(self._consumer_tag, callback=lambda _f: self._maybe_close())
+        else:
+            self._maybe_close()
+        conn = self._connection
+        if conn is not None:
+            conn.ioloop.call_later(self.config.stop_grace, self._close)
+
+    def _maybe_close(self) -> None:
+        self._cancelled = True
+        if self._stopping and self._cancelled and not self._unsettled:
+            self._close()
+
+    def _close(self) -> None:
+        conn = self._connection
+        if conn is not None and not (conn.is_closing or conn.is_closed):
+            if self._unsettled:
+                log.warning(
+                    "%s: closing with %d deliveries unsettled (the broker will redeliver)",
+                    self.config.name,
+                    len(self._unsettled),
+                )
+            conn.close()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _reset_channel_state(self) -> None:
+        self._unsettled: OrderedDict[int, list[Any]] = OrderedDict()
+        self._confirms: OrderedDict[int, tuple[Delivery, Forward | DeadLetter]] = OrderedDict()
+        self._returned: set[str | None] = set()
+        self._publish_seq = 0
+        self._flush_scheduled = False
+        self._stopping = False
+        self._cancelled = False
+
+    def _on_message(
+        self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        delivery = Delivery(
+            method.delivery_tag,
+            body,
+            props,
+            method.routing_key,
+            method.redelivered,
+            self._generation,
+        )
+        self._unsettled[delivery.tag] = [_WAITING, delivery]
+        try:
+            action = self.handler.handle(delivery)
+        except Exception as exc:  # a bug: let the delivery limit decide, keep the daemon up
+            log.exception("%s: handler failed on delivery %d", self.config.name, delivery.tag)
+            action = Requeue() if not delivery.redelivered else DeadLetter(f"handler: {exc!r}")
+        if action is not None:
+            self._settle(delivery, action)
+
+    def _settle_many(self, items: Sequence[tuple[Delivery, Action]]) -> None:
+        for delivery, action in items:
+            self._settle(delivery, action)
+
+    def _settle(self, delivery: Delivery, action: Action) -> None:
+        if delivery.generation != self._generation or delivery.tag not in self._unsettled:
+            return  # from a channel that is gone: the broker redelivers it
+        if isinstance(action, Ack):
+            self._done(delivery, action)
+        elif isinstance(action, Requeue):
+            self._requeue(delivery)
+        else:
+            self._publish(delivery, action)
+
+    def _publish(self, delivery: Delivery, action: Forward | DeadLetter) -> None:
+        assert self._channel is not None
+        if isinstance(action, Forward):
+            exchange, key, body = action.exchange, action.routing_key, action.body
+            props = BasicProperties(
+                content_type="application/json",
+                delivery_mode=_PERSISTENT,
+                message_id=action.message_id,
+                timestamp=int(time.time()),
+            )
+        else:
+            exchange, key, body = self.config.dead_exchange, delivery.routing_key, delivery.body
+            props = _dead_letter_properties(delivery, action.reason, self.config.queue)
+        self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+        self._publish_seq += 1
+        self._confirms[self._publish_seq] = (delivery, action)
+
+    def _on_return(
+        self, _ch: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
+    ) -> None:
+        log.error(
+            "%s: unroutable publish to %s %s (%s): is the topology declared?",
+            self.config.name,
+            method.exchange,
+            method.routing_key,
+            method.reply_text,
+        )
+        self._returned.add(props.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        last = method.delivery_tag
+        seqs = _up_to(self._confirms, last) if method.multiple else [last]
+        for seq in seqs:
+            entry = self._confirms.pop(seq, None)
+            if entry is None:
+                continue
+            delivery, action = entry
+            message_id = (
+                action.message_id if isinstance(action, Forward) else delivery.properties.message_id
+            )
+            if acked and message_id not in self._returned:
+                self._done(delivery, action)
+            else:
+                log.warning("%s: publish refused; input requeued", self.config.name)
+                self._requeue(delivery)
+        if not self._confirms:
+            self._returned.clear()
+
+    def _done(self, delivery: Delivery, action: Action) -> None:
+        entry = self._unsettled.get(delivery.tag)
+        if entry is None:
+            return
+        entry[0] = _DONE
+        self._on_settled(delivery, action)
+        self._schedule_flush()
+
+    def _requeue(self, delivery: Delivery) -> None:
+        if self._unsettled.pop(delivery.tag, None) is None or self._channel is None:
+            return
+        self._channel.basic_nack(delivery.tag, multiple=False, requeue=True)
+        self._on_settled(delivery, Requeue())
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._connection is not None:
+            self._flush_scheduled = True
+            self._connection.ioloop.add_callback_threadsafe(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Ack, with one ``multiple=True``, every delivery up to the first one still waiting."""
+        self._flush_scheduled = False
+        last = None
+        while self._unsettled:
+            tag, entry = next(iter(self._unsettled.items()))
+            if entry[0] != _DONE:
+                break
+            self._unsettled.popitem(last=False)
+            last = tag
+        channel = self._channel
+        if last is not None and channel is not None and channel.is_open:
+            channel.basic_ack(last, multiple=True)
+        if self._stopping and self._cancelled and not self._unsettled:
+            self._close()
+
+
+def _dead_letter_properties(delivery: Delivery, reason: str, source: str) -> BasicProperties:
+    """The original properties plus the reason and source headers (DESIGN 3)."""
+    p = delivery.properties
+    headers = dict(p.headers or {})
+    headers[ERROR_HEADER] = reason[:4096]
+    headers[SOURCE_HEADER] = source
+    if p.user_id:
+        headers["x-exitpipe-user-id"] = p.user_id
+    return BasicProperties(
+        content_type=p.content_type,
+        content_encoding=p.content_encoding,
+        headers=headers,
+        delivery_mode=_PERSISTENT,
+        priority=p.priority,
+        correlation_id=p.correlation_id,
+        reply_to=p.reply_to,
+        expiration=p.expiration,
+        message_id=p.message_id,
+        timestamp=p.timestamp,
+        type=p.type,
+        app_id=p.app_id,
+        # user_id moves to a header: the broker checks user_id against the publishing user,
+        # and the daemon is not the launcher that sent it.
+    )
+
+
+def _up_to(confirms: OrderedDict[int, Any], last: int) -> list[int]:
+    """The publish sequence numbers a ``multiple`` confirm of ``last`` covers."""
+    seqs = []
+    for seq in confirms:
+        if seq > last:
+            break
+        seqs.append(seq)
+    return seqs
+
+
+def _describe(err: BaseException) -> str:
+    """An error as one line; pika's messages carry no credentials."""
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

@@ -1,0 +1,107 @@
+"""The classifier handler: exit event in, transition out (or nothing), decided by the policy.
+
+It does not deduplicate: a repeated exit event gives a repeated transition with the same
+event id, and the store makes the second one a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from consumers.amqp import ACK, Action, DeadLetter, Delivery, Forward
+from consumers.observe import DEAD_LETTERED, EVENTS
+from consumers.policy import Decision, Policy, decide
+from schemas.codes import Action as Verdict
+from schemas.events import EXIT_SCHEMA, BadMessage, Cause, ExitEvent, Transition, parse_body
+from schemas.topology import Names
+
+log = logging.getLogger("exitpipe.classifier")
+_ACCEPT = frozenset({EXIT_SCHEMA})
+
+
+def to_transition(event: ExitEvent, decision: Decision) -> Transition:
+    """The transition a fail or stop decision sends on; it keeps the exit event's id."""
+    assert decision.target_status is not None
+    return Transition(
+        event_id=event.event_id,
+        job_id=event.job_id,
+        action=decision.action,
+        target_status=decision.target_status,
+        cause=Cause(
+            site=event.site,
+            code=event.effective_code,
+            return_code=event.return_code,
+            reason=event.reason,
+            launcher=event.effective_launcher,
+            occurred_at=event.occurred_at,
+        ),
+        policy=decision.policy,
+    )
+
+
+class ClassifierHandler:
+    """Validates, classifies and forwards; bad input goes to the dead-letter queue."""
+
+    def __init__(self, policy: Policy, names: Names) -> None:
+        self.policy = policy
+        self.names = names
+
+    def handle(self, delivery: Delivery) -> Action:
+        """The action for one delivery of ``<ns>.classify``."""
+        try:
+            event = parse_body(delivery.body, _ACCEPT)
+        except BadMessage as exc:
+            return self._reject(delivery, exc.reason)
+        assert isinstance(event, ExitEvent)
+        decision = decide(event, self.policy)
+        _log_decision(event, decision)
+        EVENTS.labels("classifier", decision.action.value, "").inc()
+        if decision.action is Verdict.IGNORE:
+            return ACK
+        transition = to_transition(event, decision)
+        return Forward(
+            self.names.jobs,
+            f"transition.{decision.action.value}",
+            transition.to_json(),
+            str(event.event_id),
+        )
+
+    def _reject(self, delivery: Delivery, reason: str) -> DeadLetter:
+        log.warning(
+            "dead-letter message_id=%s reason=%s",
+            delivery.properties.message_id,
+            reason,
+            extra={"fields": {"event_id": delivery.properties.message_id, "error": reason}},
+        )
+        DEAD_LETTERED.labels("classifier").inc()
+        return DeadLetter(reason)
+
+
+def _log_decision(event: ExitEvent, decision: Decision) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    code = event.effective_code.name
+    rule = decision.policy.rule
+    log.info(
+        "decision job_id=%s event_id=%s site=%s code=%s return_code=%s decision=%s rule=%s",
+        event.job_id,
+        event.event_id,
+        event.site,
+        code,
+        event.return_code,
+        decision.action.value,
+        rule,
+        extra={
+            "fields": {
+                "job_id": event.job_id,
+                "event_id": str(event.event_id),
+                "site": event.site,
+                "code": code,
+                "return_code": event.return_code,
+                "decision": decision.action.value,
+                "policy": decision.policy.name,
+                "policy_version": decision.policy.version,
+                "rule": rule,
+            }
+        },
+    )

@@ -1,0 +1,96 @@
+"""Logs, metrics and health for the daemons.
+
+One structured line per decision: text for people, JSON (``--log-format json``) for machines.
+Metrics use prometheus-client's default registry; ``/healthz`` answers 503 while any
+consumer's broker connection is down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+EVENTS = Counter(
+    "exitpipe_events_total",
+    "Events handled, by daemon, decision (classifier) and outcome (job-state).",
+    ["daemon", "decision", "outcome"],
+)
+DEAD_LETTERED = Counter(
+    "exitpipe_dead_lettered_total", "Messages sent to the dead-letter queue.", ["daemon"]
+)
+LATENCY = Histogram(
+    "exitpipe_processing_seconds",
+    "Time from delivery to settlement (ack, forward confirmed or dead-lettered).",
+    ["daemon"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RECONNECTS = Counter("exitpipe_reconnects_total", "Broker reconnections.", ["daemon"])
+CONNECTED = Gauge("exitpipe_broker_connected", "1 while consuming from the broker.", ["daemon"])
+STORE_RETRIES = Counter(
+    "exitpipe_store_retries_total", "Store transactions retried after an outage.", ["daemon"]
+)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Send log lines to stderr, as text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.formatter.converter = __import__("time").gmtime  # type: ignore[union-attr]
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def serve_http(port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``port`` from a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                ok = healthy()
+                self._reply(200 if ok else 503, b"ok\n" if ok else b"broker down\n")
+            else:
+                self._reply(404, b"not found\n")
+
+        def _reply(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

@@ -1,0 +1,126 @@
+"""``exitpipe jobs show J`` and ``exitpipe jobs list``: what the store says, and why."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from consumers.state import HistoryRow
+from consumers.store import JobView, StoreError
+from consumers.store.factory import open_store
+from exitpipe.commands.table import render
+from exitpipe.settings import Settings
+from schemas.codes import JobStatus
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``jobs show`` and ``jobs list``."""
+    jobs = subparsers.add_parser("jobs", help="job statuses and histories from the store")
+    sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    show = sub.add_parser("show", parents=[common], help="one job's status and history")
+    show.add_argument("job_id", metavar="JOB")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    show.set_defaults(func=show_job)
+    lst = sub.add_parser("list", parents=[common], help="every job's status")
+    lst.add_argument("--status", type=_status, help="only jobs in this status")
+    lst.add_argument("--limit", type=int, help="at most this many jobs")
+    lst.add_argument("--json", action="store_true", help="a JSON list")
+    lst.set_defaults(func=list_jobs)
+
+
+def _status(text: str) -> JobStatus:
+    try:
+        return JobStatus(text)
+    except ValueError:
+        names = ", ".join(s.value for s in JobStatus)
+        raise argparse.ArgumentTypeError(f"status: {text!r} is not one of {names}") from None
+
+
+def show_job(args: argparse.Namespace, settings: Settings) -> int:
+    """Print one job; exit 1 when the store does not know it."""
+    try:
+        store = open_store(settings.store)
+        try:
+            job = store.get(args.job_id)
+        finally:
+            store.close()
+    except StoreError as exc:
+        print(f"exitpipe: {exc}", file=sys.stderr)
+        return 2
+    if job is None:
+        print(f"exitpipe: job {args.job_id!r} is not in the store", file=sys.stderr)
+        return 1
+    print(json.dumps(job.as_json(), indent=2) if args.json else describe_job(job))
+    return 0
+
+
+def describe_job(job: JobView) -> str:
+    """A job's status, sites and history as a readable table, with the why of each row."""
+    sites = ", ".join(job.sites) if job.sites else "unknown (any site may report)"
+    head = f"job {job.job_id}: {job.status.value if job.status else '-'}   sites: {sites}"
+    rows = [_history_cells(r) for r in job.history]
+    headers = [
+        "occurred",
+        "kind",
+        "site",
+        "code (rc)",
+        "action",
+        "rule",
+        "outcome",
+        "status",
+        "dup",
+        "event",
+    ]
+    return head + "\n" + render(headers, rows)
+
+
+def _history_cells(row: HistoryRow) -> list[object]:
+    code = f"{row.code} ({row.return_code})" if row.return_code is not None else row.code
+    rule = f"{row.policy.name}@{row.policy.version}:{row.policy.rule}" if row.policy else None
+    before = row.status_before.value if row.status_before else "new"
+    after = row.status_after.value if row.status_after else "-"
+    status = after if before == after else f"{before} -> {after}"
+    return [
+        row.occurred_at.strftime("%Y-%m-%d %H:%M:%S"),
+        row.kind,
+        row.site,
+        code,
+        row.action,
+        rule,
+        row.outcome.value,
+        status,
+        row.duplicates or None,
+        row.event_id[:8],
+    ]
+
+
+def list_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """Print every job's status (or the first ``--limit``)."""
+    try:
+        store = open_store(settings.store)
+        try:
+            jobs = store.list(status=args.status, limit=args.limit)
+        finally:
+            store.close()
+    except StoreError as exc:
+        print(f"exitpipe: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [
+            {
+                "job_id": j.job_id,
+                "status": j.status.value if j.status else None,
+                "updated_at": j.updated_at.isoformat().replace("+00:00", "Z"),
+            }
+            for j in jobs
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [
+        [j.job_id, j.status.value if j.status else None, j.updated_at.strftime("%Y-%m-%d %H:%M:%S")]
+        for j in jobs
+    ]
+    print(render(["job", "status", "updated"], rows))
+    return 0

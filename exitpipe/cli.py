@@ -29,7 +29,9 @@ COMMAND_MODULES = (
     "jobs",
     "demo",
     "replay",
+    "archive",
     "dead",
+    "config",
 )
 
 # Flags that override EXITPIPE_* settings; every command accepts them.

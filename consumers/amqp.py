@@ -216,7 +216,26 @@ class Consumer:
         )
 
     def _on_connection_open(self, conn: SelectConnection) -> None:
+        self._watch_broker(conn, conn.bytes_received, time.monotonic())
         conn.channel(on_open_callback=self._on_channel_open)
+
+    def _watch_broker(self, conn: SelectConnection, seen: int, since: float) -> None:
+        # The broker sends a heartbeat every heartbeat/2 s, but pika only checks every
+        # heartbeat + 5 s and gives up after two silent checks (14 s for a 2 s heartbeat).
+        # A silent link (a blackholed network) is declared dead after 2 heartbeats instead.
+        if conn is not self._connection or conn.is_closing or conn.is_closed:
+            return
+        now = time.monotonic()
+        if conn.bytes_received != seen:
+            seen, since = conn.bytes_received, now
+        elif now - since > 2 * self.config.heartbeat:
+            silent = now - since
+            log.warning("%s: nothing from the broker for %.1fs: dead", self.config.name, silent)
+            conn._terminate_stream(ConnectionLost("broker silent past 2 heartbeats"))
+            return
+        conn.ioloop.call_later(
+            self.config.heartbeat / 4, lambda: self._watch_broker(conn, seen, since)
+        )
 
     def _on_connection_open_error(self, conn: SelectConnection, err: BaseException) -> None:
         log.warning("%s: cannot connect: %s", self.config.name, _describe(err))
@@ -406,9 +425,11 @@ class Consumer:
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
+        # Always on the I/O loop thread: a zero timer runs after this loop turn's other
+        # events, so one ack covers everything settled in the turn, with no wake-up syscall.
         if not self._flush_scheduled and self._connection is not None:
             self._flush_scheduled = True
-            self._connection.ioloop.add_callback_threadsafe(self._flush_acks)
+            self._connection.ioloop.call_later(0, self._flush_acks)
 
     def _flush_acks(self) -> None:
         """Ack, with one ``multiple=True``, every delivery up to the first one still waiting."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from consumers.amqp import ACK, Action, DeadLetter, Delivery, Requeue
-from consumers.observe import DEAD_LETTERED, EVENTS, STORE_RETRIES
+from consumers.observe import DEAD_LETTERED, EVENTS, STORE_RETRIES, DecisionLog
 from consumers.state import JobEvent
 from consumers.store import Applied, Store, StoreError, StoreUnavailable
 from schemas.events import (
@@ -52,6 +52,7 @@ class JobStateHandler:
         self._settle: Settle = lambda items: None
         self._abandon = threading.Event()
         self._fault = _fault_point()
+        self._decisions = DecisionLog("exitpipe.job_state")
         self._thread = threading.Thread(target=self._work, name="job-state-worker", daemon=True)
 
     def start(self, settle: Settle) -> None:
@@ -122,7 +123,7 @@ class JobStateHandler:
             return [self._apply_one(d, e) for d, e in good]
         self._maybe_die("kill-after-commit")
         for (_, event), applied in zip(good, results, strict=True):
-            _log_outcome(event, applied)
+            _log_outcome(self._decisions, event, applied)
         return [(d, ACK) for d, _ in good]
 
     def _apply_one(self, delivery: Delivery, event: JobEvent) -> tuple[Delivery, Action]:
@@ -132,10 +133,11 @@ class JobStateHandler:
             # Neither bad input nor an outage: let the broker's delivery limit decide.
             log.exception("job_id=%s event_id=%s cannot be applied", event.job_id, event.event_id)
             return delivery, Requeue()
-        _log_outcome(event, applied)
+        _log_outcome(self._decisions, event, applied)
         return delivery, ACK
 
     def _with_retry(self, events: list[JobEvent]) -> list[Applied]:
+        self._maybe_poison(events)
         retrying = Retrying(
             retry=retry_if_exception_type(StoreUnavailable),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0),
@@ -144,6 +146,13 @@ class JobStateHandler:
             reraise=True,
         )
         return retrying(self.store.apply_batch, events)
+
+    def _maybe_poison(self, events: list[JobEvent]) -> None:
+        # Fault hook ``job-state:poison:<event_id>``: that event always fails to apply.
+        if self._fault and self._fault.startswith("job-state:poison:"):
+            poison = self._fault.removeprefix("job-state:poison:")
+            if any(str(e.event_id) == poison for e in events):
+                raise StoreError(f"fault hook: event {poison} is poison")
 
     def _maybe_die(self, point: str) -> None:
         if self._fault == f"job-state:{point}":
@@ -168,35 +177,24 @@ def _log_store_retry(state: RetryCallState) -> None:
     log.warning("store unavailable (%s); retry %d", exc, state.attempt_number)
 
 
-def _log_outcome(event: JobEvent, applied: Applied) -> None:
+def _log_outcome(decisions: DecisionLog, event: JobEvent, applied: Applied) -> None:
     row = applied.row
     outcome = "duplicate" if applied.duplicate else row.outcome.value
     EVENTS.labels("job-state", row.action, outcome).inc()
-    if not log.isEnabledFor(logging.INFO):
+    if not decisions.enabled:
         return
-    rule = row.policy.rule if row.policy else None
-    log.info(
-        "applied job_id=%s event_id=%s kind=%s code=%s decision=%s rule=%s outcome=%s status=%s",
-        event.job_id,
-        row.event_id,
-        row.kind,
-        row.code,
-        row.action,
-        rule,
-        outcome,
-        row.status_after,
-        extra={
-            "fields": {
-                "job_id": event.job_id,
-                "event_id": row.event_id,
-                "kind": row.kind,
-                "site": row.site,
-                "code": row.code,
-                "decision": row.action,
-                "rule": rule,
-                "outcome": outcome,
-                "status_before": row.status_before,
-                "status_after": row.status_after,
-            }
+    decisions.emit(
+        "applied",
+        {
+            "job_id": event.job_id,
+            "event_id": row.event_id,
+            "kind": row.kind,
+            "site": row.site,
+            "code": row.code,
+            "decision": row.action,
+            "rule": row.policy.rule if row.policy else None,
+            "outcome": outcome,
+            "status_before": row.status_before,
+            "status_after": row.status_after,
         },
     )

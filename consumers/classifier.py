@@ -9,10 +9,18 @@ from __future__ import annotations
 import logging
 
 from consumers.amqp import ACK, Action, DeadLetter, Delivery, Forward
-from consumers.observe import DEAD_LETTERED, EVENTS
+from consumers.observe import DEAD_LETTERED, EVENTS, DecisionLog
 from consumers.policy import Decision, Policy, decide
 from schemas.codes import Action as Verdict
-from schemas.events import EXIT_SCHEMA, BadMessage, Cause, ExitEvent, Transition, parse_body
+from schemas.events import (
+    EXIT_SCHEMA,
+    TRANSITION_SCHEMA,
+    BadMessage,
+    Cause,
+    ExitEvent,
+    Transition,
+    parse_body,
+)
 from schemas.topology import Names
 
 log = logging.getLogger("exitpipe.classifier")
@@ -20,21 +28,27 @@ _ACCEPT = frozenset({EXIT_SCHEMA})
 
 
 def to_transition(event: ExitEvent, decision: Decision) -> Transition:
-    """The transition a fail or stop decision sends on; it keeps the exit event's id."""
+    """The transition a fail or stop decision sends on; it keeps the exit event's id.
+
+    Built with ``model_construct``: every field comes from an already validated event and
+    decision, and validating them again would be the classifier's largest cost.
+    """
     assert decision.target_status is not None
-    return Transition(
+    cause = Cause.model_construct(
+        site=event.site,
+        code=event.effective_code,
+        return_code=event.return_code,
+        reason=event.reason,
+        launcher=event.effective_launcher,
+        occurred_at=event.occurred_at,
+    )
+    return Transition.model_construct(
+        schema_=TRANSITION_SCHEMA,
         event_id=event.event_id,
         job_id=event.job_id,
         action=decision.action,
         target_status=decision.target_status,
-        cause=Cause(
-            site=event.site,
-            code=event.effective_code,
-            return_code=event.return_code,
-            reason=event.reason,
-            launcher=event.effective_launcher,
-            occurred_at=event.occurred_at,
-        ),
+        cause=cause,
         policy=decision.policy,
     )
 
@@ -45,6 +59,9 @@ class ClassifierHandler:
     def __init__(self, policy: Policy, names: Names) -> None:
         self.policy = policy
         self.names = names
+        self._log = DecisionLog("exitpipe.classifier")
+        self._counted = {a: EVENTS.labels("classifier", a.value, "") for a in Verdict}
+        self._keys = {a: f"transition.{a.value}" for a in Verdict}
 
     def handle(self, delivery: Delivery) -> Action:
         """The action for one delivery of ``<ns>.classify``."""
@@ -54,17 +71,14 @@ class ClassifierHandler:
             return self._reject(delivery, exc.reason)
         assert isinstance(event, ExitEvent)
         decision = decide(event, self.policy)
-        _log_decision(event, decision)
-        EVENTS.labels("classifier", decision.action.value, "").inc()
+        if self._log.enabled:
+            self._log_decision(event, decision)
+        self._counted[decision.action].inc()
         if decision.action is Verdict.IGNORE:
             return ACK
-        transition = to_transition(event, decision)
-        return Forward(
-            self.names.jobs,
-            f"transition.{decision.action.value}",
-            transition.to_json(),
-            str(event.event_id),
-        )
+        event_id = str(event.event_id)
+        body = to_transition(event, decision).to_json()
+        return Forward(self.names.jobs, self._keys[decision.action], body, event_id)
 
     def _reject(self, delivery: Delivery, reason: str) -> DeadLetter:
         log.warning(
@@ -76,32 +90,18 @@ class ClassifierHandler:
         DEAD_LETTERED.labels("classifier").inc()
         return DeadLetter(reason)
 
-
-def _log_decision(event: ExitEvent, decision: Decision) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    code = event.effective_code.name
-    rule = decision.policy.rule
-    log.info(
-        "decision job_id=%s event_id=%s site=%s code=%s return_code=%s decision=%s rule=%s",
-        event.job_id,
-        event.event_id,
-        event.site,
-        code,
-        event.return_code,
-        decision.action.value,
-        rule,
-        extra={
-            "fields": {
+    def _log_decision(self, event: ExitEvent, decision: Decision) -> None:
+        self._log.emit(
+            "decision",
+            {
                 "job_id": event.job_id,
                 "event_id": str(event.event_id),
                 "site": event.site,
-                "code": code,
+                "code": event.effective_code.name,
                 "return_code": event.return_code,
                 "decision": decision.action.value,
                 "policy": decision.policy.name,
                 "policy_version": decision.policy.version,
-                "rule": rule,
-            }
-        },
-    )
+                "rule": decision.policy.rule,
+            },
+        )

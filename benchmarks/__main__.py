@@ -1,0 +1,146 @@
+"""``python -m benchmarks``: exitpipe end to end against a raw pika two-hop baseline, one run.
+
+Each measurement runs in a fresh namespace on the same broker, daemons as subprocesses:
+
+- baseline: publisher (SelectConnection, many confirms in flight) -> quorum queue -> relay
+  (pydantic validation, confirmed republish, ``multiple`` acks) -> quorum queue -> sink;
+- exitpipe: N reportable exit events through ``producers.publisher.Publisher`` -> classifier
+  -> job-state -> store commit -> ack, for SQLite and PostgreSQL.
+
+For each: events/s at the maximum, and publish-to-applied latency p50/p95/p99 at the maximum
+and at a paced rate; peak RSS of each daemon; the exitpipe / baseline ratio. Progress goes to
+stderr; ``--json`` prints the results as one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from benchmarks.measure import (
+    BenchConfig,
+    measure_baseline,
+    measure_exitpipe,
+    measure_replay,
+)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    p.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for the postgres store run ('' to skip it)",
+    )
+    p.add_argument("-n", "--events", type=int, default=20_000, help="events at the maximum rate")
+    p.add_argument("--rate", type=float, default=2000.0, help="paced rate, events/s")
+    p.add_argument("--paced-seconds", type=float, default=5.0, help="length of the paced run")
+    p.add_argument("--prefetch", type=int, default=500)
+    p.add_argument("--classifiers", type=int, default=1, help="classifier instances")
+    p.add_argument("--stores", default="sqlite,postgres")
+    p.add_argument(
+        "--replay-events",
+        type=int,
+        default=100_000,
+        help="events in the replay-from-file measurement (0 to skip)",
+    )
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return p.parse_args(argv)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a table for people."""
+    base = results.get("baseline", {}).get("max", {}).get("rate")
+    head = [
+        "run",
+        "events/s",
+        "ratio",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "paced p50",
+        "paced p95",
+        "paced p99",
+        "peak RSS MiB",
+    ]
+    rows = []
+    for name, r in results["runs"].items():
+        m, pc = r["max"], r.get("paced", {})
+        ratio = f"{m['rate'] / base:.2f}" if base and name != "baseline" else "-"
+        rss = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r.get("peak_rss", {}).items()) or "-"
+        rows.append(
+            [
+                name,
+                f"{m['rate']:.0f}",
+                ratio,
+                _ms(m.get("p50")),
+                _ms(m.get("p95")),
+                _ms(m.get("p99")),
+                _ms(pc.get("p50")),
+                _ms(pc.get("p95")),
+                _ms(pc.get("p99")),
+                rss,
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    if "replay" in results:
+        rp = results["replay"]
+        lines.append(
+            f"replay --file: {rp['events']} events in {rp['seconds']:.2f}s "
+            f"= {rp['rate']:.0f} events/s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every measurement and print the table (or JSON)."""
+    args = _parse(argv)
+    config = BenchConfig(
+        amqp_url=args.amqp_url,
+        events=args.events,
+        rate=args.rate,
+        paced_seconds=args.paced_seconds,
+        prefetch=args.prefetch,
+        classifiers=args.classifiers,
+        pg_url=args.pg_url,
+    )
+    started = time.time()
+    runs: dict[str, Any] = {}
+    if not args.skip_baseline:
+        runs["baseline"] = measure_baseline(config)
+    for store in [s for s in args.stores.split(",") if s]:
+        if store == "postgres" and not args.pg_url:
+            continue
+        runs[f"exitpipe-{store}"] = measure_exitpipe(config, store)
+    results: dict[str, Any] = {
+        "config": config.__dict__ | {"amqp_url": "(redacted)"},
+        "runs": runs,
+        "started": started,
+    }
+    if "baseline" in runs:
+        results["baseline"] = runs["baseline"]
+        base = runs["baseline"]["max"]["rate"]
+        results["ratios"] = {k: v["max"]["rate"] / base for k, v in runs.items() if k != "baseline"}
+    if args.replay_events:
+        results["replay"] = measure_replay(args.replay_events)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

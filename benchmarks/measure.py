@@ -1,0 +1,446 @@
+"""The measurements behind ``python -m benchmarks``; daemons always run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pika
+from pika.adapters.select_connection import SelectConnection
+from pika.spec import BasicProperties
+
+from producers.broker import declare_topology
+from producers.publisher import Publisher, outgoing
+from schemas.codes import Code, Launcher
+from schemas.events import ExitEvent
+from schemas.topology import Names, topology
+
+
+@dataclass
+class BenchConfig:
+    amqp_url: str
+    events: int = 20_000
+    rate: float = 2000.0
+    paced_seconds: float = 5.0
+    prefetch: int = 500
+    classifiers: int = 1
+    pg_url: str = ""
+    warmup: int = 500
+
+
+def log(message: str) -> None:
+    """Progress, on stderr."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p95, p99 of ``values`` (seconds)."""
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    s = sorted(values)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def _event(run: str, i: int) -> ExitEvent:
+    return ExitEvent(
+        event_id=uuid.uuid4(),
+        job_id=f"{run}-{i}",
+        site="site-1",
+        code=Code.EXCEPTION,
+        return_code=101,
+        launcher=Launcher.K8S,
+        occurred_at=datetime.now(UTC),
+    )
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _delete(url: str, queues: list[str], exchanges: list[str]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        for q in queues:
+            ch.queue_delete(q)
+        for e in exchanges:
+            ch.exchange_delete(e)
+    finally:
+        conn.close()
+
+
+# -- raw publisher (baseline) ---------------------------------------------------------------
+
+
+def raw_publish(
+    url: str,
+    queue: str,
+    bodies: Callable[[int], bytes],
+    count: int,
+    rate: float | None,
+    window: int = 1000,
+) -> None:
+    """Publish ``count`` messages to ``queue`` with up to ``window`` confirms in flight."""
+    state: dict[str, Any] = {"sent": 0, "confirmed": 0, "t0": 0.0}
+    inflight: OrderedDict[int, None] = OrderedDict()
+
+    def pump() -> None:
+        ch = state["ch"]
+        allowed = count if rate is None else int((time.monotonic() - state["t0"]) * rate) + 1
+        while state["sent"] < min(count, allowed) and len(inflight) < window:
+            state["sent"] += 1
+            props = BasicProperties(
+                delivery_mode=2, content_type="application/json", headers={"x-t": repr(time.time())}
+            )
+            ch.basic_publish("", queue, bodies(state["sent"]), props)
+            inflight[state["sent"]] = None
+        if rate is not None and state["sent"] < count:
+            state["conn"].ioloop.call_later(0.002, pump)
+
+    def on_confirm(frame: Any) -> None:
+        last = frame.method.delivery_tag
+        if frame.method.multiple:
+            while inflight and next(iter(inflight)) <= last:
+                inflight.popitem(last=False)
+                state["confirmed"] += 1
+        elif inflight.pop(last, 0) is None:
+            state["confirmed"] += 1
+        if state["confirmed"] >= count:
+            state["conn"].close()
+        elif rate is None:
+            pump()
+
+    def on_channel(ch: Any) -> None:
+        state["ch"] = ch
+        state["t0"] = time.monotonic()
+        ch.confirm_delivery(on_confirm, callback=lambda _f: pump())
+
+    conn = SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, r: c.ioloop.stop(),
+    )
+    state["conn"] = conn
+    conn.ioloop.start()
+
+
+def _baseline_round(config: BenchConfig, count: int, rate: float | None) -> dict[str, Any]:
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    q1, q2 = f"{ns}.q1", f"{ns}.q2"
+    conn = pika.BlockingConnection(pika.URLParameters(config.amqp_url))
+    ch = conn.channel()
+    for q in (q1, q2):
+        ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+    conn.close()
+    cmd = [sys.executable, "-m", "benchmarks.baseline"]
+    relay = subprocess.Popen([*cmd, "relay", config.amqp_url, q1, q2, str(config.prefetch)])
+    sink = subprocess.Popen(
+        [*cmd, "sink", config.amqp_url, q2, str(count), str(config.prefetch)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)  # both consuming
+        run = uuid.uuid4().hex[:6]
+        t0 = time.time()
+        raw_publish(config.amqp_url, q1, lambda i: _event(run, i).to_json(), count, rate)
+        out, _ = sink.communicate(timeout=600)
+        result = json.loads(out)
+        rss = {"relay": _peak_rss(relay.pid)}
+        return {
+            "rate": count / (result["last"] - t0),
+            **percentiles(result["latencies"]),
+            "peak_rss": rss,
+        }
+    finally:
+        relay.kill()
+        sink.kill()
+        relay.wait()
+        _delete(config.amqp_url, [q1, q2], [])
+
+
+def measure_baseline(config: BenchConfig) -> dict[str, Any]:
+    """Raw pika: the maximum rate, then a paced run."""
+    log(f"baseline: {config.events} events at the maximum rate")
+    top = _baseline_round(config, config.events, None)
+    paced_n = int(config.rate * config.paced_seconds)
+    log(f"baseline: {paced_n} events paced at {config.rate:.0f}/s")
+    paced = _baseline_round(config, paced_n, config.rate)
+    log(f"baseline: {top['rate']:.0f} events/s")
+    return {"max": top, "paced": paced, "peak_rss": top.pop("peak_rss")}
+
+
+# -- exitpipe end to end --------------------------------------------------------------------
+
+
+class _StoreProbe:
+    """Counts and reads history rows straight from the store's tables (bench only)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            self._conn: Any = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)
+        else:
+            import psycopg
+
+            self._conn = psycopg.connect(url, autocommit=True)
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        if isinstance(self._conn, sqlite3.Connection):
+            return self._conn.execute(sql.replace("%s", "?"), args).fetchall()
+        return self._conn.execute(sql, args).fetchall()
+
+    def count(self, prefix: str) -> int:
+        try:
+            return int(
+                self._one("SELECT count(*) FROM history WHERE job_id LIKE %s", (prefix + "%",))[0][
+                    0
+                ]
+            )
+        except (sqlite3.OperationalError, Exception):  # tables not created yet
+            return 0
+
+    def latencies(self, prefix: str) -> tuple[list[float], float]:
+        rows = self._one(
+            "SELECT occurred_at, recorded_at FROM history WHERE job_id LIKE %s", (prefix + "%",)
+        )
+        lat, last = [], 0.0
+        for occurred, recorded in rows:
+            o, r = _ts(occurred), _ts(recorded)
+            lat.append(r - o)
+            last = max(last, r)
+        return lat, last
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _ts(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+@contextmanager
+def _daemons(config: BenchConfig, ns: str, store_url: str) -> Iterator[dict[str, int]]:
+    env = {
+        **os.environ,
+        "EXITPIPE_AMQP_URL": config.amqp_url,
+        "EXITPIPE_NAMESPACE": ns,
+        "EXITPIPE_STORE": store_url,
+        "EXITPIPE_PREFETCH": str(config.prefetch),
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    ports = []
+    roles = ["job-state"] + [f"classifier-{i}" for i in range(config.classifiers)]
+    for role in roles:
+        port = _free_port()
+        ports.append(port)
+        cmd = [
+            sys.executable,
+            "-m",
+            "exitpipe.cli",
+            role.split("-")[0] if role.startswith("classifier") else role,
+            "--metrics-port",
+            str(port),
+        ]
+        procs[role] = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    try:
+        deadline = time.monotonic() + 30
+        for port in ports:
+            while True:
+                try:
+                    if (
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status
+                        == 200
+                    ):
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemons did not become healthy")
+                time.sleep(0.1)
+        yield {role: p.pid for role, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _publish_events(
+    publisher: Publisher, names: Names, run: str, start: int, count: int, rate: float | None
+) -> None:
+    """Publish ``count`` events, in chunks; paced at ``rate`` when given."""
+    chunk = 1000 if rate is None else max(1, int(rate * 0.005))
+    t0 = time.monotonic()
+    sent = 0
+    while sent < count:
+        if rate is not None:
+            due = t0 + sent / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        n = min(chunk, count - sent)
+        messages = [outgoing(names, _event(run, start + sent + i)) for i in range(n)]
+        publisher.publish(messages)
+        sent += n
+
+
+def _wait_rows(probe: _StoreProbe, prefix: str, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while probe.count(prefix) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {probe.count(prefix)} of {count} applied in {timeout}s")
+        time.sleep(0.05)
+
+
+def _store_url(config: BenchConfig, store: str, workdir: Path) -> tuple[str, Callable[[], None]]:
+    if store == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}", lambda: None
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(config.pg_url, autocommit=True) as c:
+        c.execute(f'CREATE SCHEMA "{schema}"')
+
+    def drop() -> None:
+        with psycopg.connect(config.pg_url, autocommit=True) as c:
+            c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+    sep = "&" if "?" in config.pg_url else "?"
+    return f"{config.pg_url}{sep}options={quote(f'-csearch_path={schema}')}", drop
+
+
+def measure_exitpipe(config: BenchConfig, store: str) -> dict[str, Any]:
+    """exitpipe end to end on ``store``: warm-up, the maximum rate, then a paced run."""
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    names = Names(ns)
+    topo = topology(ns)
+    declare_topology(config.amqp_url, topo)
+    workdir = Path(tempfile.mkdtemp(prefix="exitpipe-bench-"))
+    store_url, drop = _store_url(config, store, workdir)
+    result: dict[str, Any] = {}
+    try:
+        with (
+            _daemons(config, ns, store_url) as pids,
+            Publisher(config.amqp_url, window=1000) as publisher,
+        ):
+            probe = _StoreProbe(store_url)
+            _publish_events(publisher, names, "warm", 0, config.warmup, None)
+            _wait_rows(probe, "warm-", config.warmup)
+            log(f"exitpipe-{store}: {config.events} events at the maximum rate")
+            run = f"max{uuid.uuid4().hex[:4]}"
+            t0 = time.time()
+            _publish_events(publisher, names, run, 0, config.events, None)
+            _wait_rows(probe, f"{run}-", config.events)
+            lat, last = probe.latencies(f"{run}-")
+            result["max"] = {"rate": config.events / (last - t0), **percentiles(lat)}
+            log(f"exitpipe-{store}: {result['max']['rate']:.0f} events/s")
+            paced_n = int(config.rate * config.paced_seconds)
+            log(f"exitpipe-{store}: {paced_n} events paced at {config.rate:.0f}/s")
+            run = f"paced{uuid.uuid4().hex[:4]}"
+            _publish_events(publisher, names, run, 0, paced_n, config.rate)
+            _wait_rows(probe, f"{run}-", paced_n)
+            lat, _ = probe.latencies(f"{run}-")
+            result["paced"] = {"rate": config.rate, **percentiles(lat)}
+            result["peak_rss"] = {role: _peak_rss(pid) for role, pid in pids.items()}
+            probe.close()
+    finally:
+        drop()
+        _delete(config.amqp_url, [q.name for q in topo.queues], [e.name for e in topo.exchanges])
+    return result
+
+
+def measure_memory(config: BenchConfig, small: int, large: int) -> dict[str, Any]:
+    """Daemon RSS after ``small`` and after ``large`` events (SQLite store)."""
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    names, topo = Names(ns), topology(ns)
+    declare_topology(config.amqp_url, topo)
+    workdir = Path(tempfile.mkdtemp(prefix="exitpipe-bench-"))
+    store_url = f"sqlite:///{workdir / 'bench.db'}"
+    out: dict[str, Any] = {}
+    try:
+        with _daemons(config, ns, store_url) as pids, Publisher(config.amqp_url) as publisher:
+            probe = _StoreProbe(store_url)
+            done = 0
+            for mark in (small, large):
+                _publish_events(publisher, names, "mem", done, mark - done, None)
+                _wait_rows(probe, "mem-", mark)
+                done = mark
+                out[str(mark)] = {role: _rss(pid) for role, pid in pids.items()}
+                log(f"memory after {mark}: {out[str(mark)]}")
+            probe.close()
+    finally:
+        _delete(config.amqp_url, [q.name for q in topo.queues], [e.name for e in topo.exchanges])
+    return out
+
+
+def measure_replay(count: int) -> dict[str, Any]:
+    """``exitpipe replay --file`` of ``count`` events; the rate it reports."""
+    workdir = Path(tempfile.mkdtemp(prefix="exitpipe-bench-"))
+    path = workdir / "events.jsonl"
+    with path.open("w") as f:
+        for i in range(count):
+            ev = _event(f"rp{i % 5000}", i // 5000)
+            f.write(ev.to_json().decode() + "\n")
+    log(f"replay --file of {count} events")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "exitpipe.cli", "replay", "--file", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wall = time.monotonic() - t0
+    match = re.search(r"([\d,]+) events in ([\d.]+) ?s", proc.stderr)
+    seconds = float(match.group(2)) if match else wall
+    return {
+        "events": count,
+        "seconds": seconds,
+        "rate": count / seconds,
+        "wall_s": wall,
+        "exit": proc.returncode,
+    }
+
+

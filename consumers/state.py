@@ -7,7 +7,7 @@ records it. Duplicates are not seen here: the store keeps the inbox of event ids
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
@@ -94,10 +94,11 @@ def _outcome(job: Job, event: JobEvent) -> Outcome:
 
 
 def _next(job: Job, event: JobEvent) -> Job:
+    # Plain constructors rather than dataclasses.replace: this runs once per event.
     if isinstance(event, Transition):
-        return replace(job, status=event.target_status)
+        return Job(job.job_id, event.target_status, job.sites)
     sites = job.sites or (tuple(event.sites) if event.sites else None)
-    return replace(job, status=event.status, sites=sites)
+    return Job(job.job_id, event.status, sites)
 
 
 def apply(job: Job, event: JobEvent, recorded_at: datetime) -> tuple[Job, HistoryRow]:
@@ -110,33 +111,15 @@ def apply(job: Job, event: JobEvent, recorded_at: datetime) -> tuple[Job, Histor
 def _row(
     before: Job, after: Job, event: JobEvent, outcome: Outcome, recorded_at: datetime
 ) -> HistoryRow:
-    common = {
-        "event_id": str(event.event_id),
-        "job_id": event.job_id,
-        "outcome": outcome,
-        "status_before": before.status,
-        "status_after": after.status,
-        "recorded_at": recorded_at,
-    }
+    event_id = str(event.event_id)
     if isinstance(event, Transition):
         cause = event.cause
         return HistoryRow(
-            kind="transition",
-            site=cause.site,
-            code=cause.code.name,
-            return_code=cause.return_code,
-            action=event.action.value,
-            occurred_at=cause.occurred_at,
-            policy=event.policy,
-            **common,  # type: ignore[arg-type]
-        )
+            event_id, event.job_id, "transition", cause.site, cause.code.name,
+            cause.return_code, event.action.value, outcome, before.status, after.status,
+            cause.occurred_at, recorded_at, event.policy,
+        )  # fmt: skip
     return HistoryRow(
-        kind="lifecycle",
-        site=None,
-        code=None,
-        return_code=None,
-        action=event.status.value,
-        occurred_at=event.occurred_at,
-        policy=None,
-        **common,  # type: ignore[arg-type]
-    )
+        event_id, event.job_id, "lifecycle", None, None, None, event.status.value, outcome,
+        before.status, after.status, event.occurred_at, recorded_at, None,
+    )  # fmt: skip

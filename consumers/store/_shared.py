@@ -50,6 +50,8 @@ def utc(value: datetime) -> datetime:
 
 def normalised(row: HistoryRow) -> HistoryRow:
     """``row`` with its times in UTC, as a store returns it."""
+    if row.occurred_at.tzinfo is UTC and row.recorded_at.tzinfo is UTC:
+        return row  # the common case; dataclasses.replace is costly on the hot path
     return replace(row, occurred_at=utc(row.occurred_at), recorded_at=utc(row.recorded_at))
 
 

@@ -223,8 +223,8 @@ class Consumer:
         # The broker sends a heartbeat every heartbeat/2 s, but pika only checks every
         # heartbeat + 5 s and gives up after two silent checks (14 s for a 2 s heartbeat).
         # A silent link (a blackholed network) is declared dead after 2 heartbeats instead.
-        if conn is not self._connection or conn.is_closing or conn.is_closed:
-            return
+        if id(conn) != id(self._connection) or conn.is_closing or conn.is_closed:
+            return  # a newer connection has its own watch
         now = time.monotonic()
         if conn.bytes_received != seen:
             seen, since = conn.bytes_received, now
@@ -265,8 +265,12 @@ class Consumer:
             self._close()
             return
         self._consumer_tag = self._channel.basic_consume(
-            self.config.queue, self._on_message, auto_ack=False
+            self.config.queue, self._on_message, auto_ack=False, callback=self._on_consume_ok
         )
+
+    def _on_consume_ok(self, _frame: Any) -> None:
+        # Only a confirmed consume counts as connected: a refused one (403, 404) closes the
+        # channel first, and the reconnect then backs off instead of spinning.
         self._consuming = self._ever_consumed = True
         log.info("%s: consuming %s", self.config.name, self.config.queue)
 

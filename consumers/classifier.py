@@ -2,6 +2,12 @@
 
 It does not deduplicate: a repeated exit event gives a repeated transition with the same
 event id, and the store makes the second one a no-op.
+
+It attributes each exit to its authenticated sender. A launcher publishes under its site's
+broker user ``<ns>-site-<site>`` and sets ``user_id``, which the broker checks against the
+login; an event whose ``site`` is not that user's site is dead-lettered, so site A cannot
+fail a job as site B. With ``require_site_user``, an exit event published without a site
+user (no ``user_id``, or another user) is dead-lettered too.
 """
 
 from __future__ import annotations
@@ -56,9 +62,11 @@ def to_transition(event: ExitEvent, decision: Decision) -> Transition:
 class ClassifierHandler:
     """Validates, classifies and forwards; bad input goes to the dead-letter queue."""
 
-    def __init__(self, policy: Policy, names: Names) -> None:
+    def __init__(self, policy: Policy, names: Names, *, require_site_user: bool = False) -> None:
         self.policy = policy
         self.names = names
+        self.require_site_user = require_site_user
+        self._site_prefix = f"{names.ns}-site-"  # producers.users.site_user
         self._log = DecisionLog("exitpipe.classifier")
         self._counted = {a: EVENTS.labels("classifier", a.value, "") for a in Verdict}
         self._keys = {a: f"transition.{a.value}" for a in Verdict}
@@ -70,6 +78,9 @@ class ClassifierHandler:
         except BadMessage as exc:
             return self._reject(delivery, exc.reason)
         assert isinstance(event, ExitEvent)
+        problem = self._sender_problem(delivery.properties.user_id, event.site)
+        if problem is not None:
+            return self._reject(delivery, problem)
         decision = decide(event, self.policy)
         if self._log.enabled:
             self._log_decision(event, decision)
@@ -79,6 +90,23 @@ class ClassifierHandler:
         event_id = str(event.event_id)
         body = to_transition(event, decision).to_json()
         return Forward(self.names.jobs, self._keys[decision.action], body, event_id)
+
+    def _sender_problem(self, user_id: str | None, site: str) -> str | None:
+        """Why this sender may not report for ``site``; None when it may (one str check)."""
+        if user_id is not None and user_id.startswith(self._site_prefix):
+            sender = user_id[len(self._site_prefix) :]
+            if sender != site:
+                return (
+                    f"site: event names {site!r} but the sender is authenticated as site {sender!r}"
+                )
+            return None
+        if self.require_site_user:
+            who = f"user {user_id!r}" if user_id else "no user_id"
+            return (
+                f"site: the sender ({who}) is not a site user {self._site_prefix}<site>,"
+                " and EXITPIPE_REQUIRE_SITE_USER is set"
+            )
+        return None
 
     def _reject(self, delivery: Delivery, reason: str) -> DeadLetter:
         log.warning(

@@ -18,7 +18,7 @@ from consumers.observe import CONNECTED, LATENCY, RECONNECTS, serve_http
 from consumers.policy import Policy
 from consumers.store import Store
 from exitpipe.settings import Settings
-from producers.broker import declare_topology
+from producers.broker import TopologyMissing, declare_topology
 from producers.errors import BrokerUnreachable
 from schemas.topology import Names, Topology, topology
 
@@ -60,7 +60,10 @@ class Pipeline:
     def __post_init__(self) -> None:
         s, names = self.settings, Names(self.settings.namespace)
         if self.policy is not None:
-            self._add("classifier", names.classify, ClassifierHandler(self.policy, names))
+            classifier = ClassifierHandler(
+                self.policy, names, require_site_user=s.require_site_user
+            )
+            self._add("classifier", names.classify, classifier)
         if self.store is not None:
             self._job_state = JobStateHandler(
                 self.store, batch_size=s.batch_size, batch_wait=s.batch_wait_ms / 1000
@@ -117,7 +120,7 @@ class Pipeline:
                     ca_file=self.settings.amqp_ca_file,
                 )
                 return
-            except BrokerUnreachable as exc:
+            except (BrokerUnreachable, TopologyMissing) as exc:
                 log.warning("cannot declare topology: %s; retrying in %.1fs", exc, delay)
                 self._stopped.wait(delay)
                 delay = min(delay * 2, 10.0)

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="Port of /metrics and /healthz (off when unset)."
     )
     log_format: Literal["text", "json"] = Field("text", description="Daemon log lines.")
+    require_site_user: bool = Field(
+        False,
+        description="Classifier: dead-letter exit events not sent by a site user"
+        " `<ns>-site-<site>` (set where every launcher has its own broker user).",
+    )
 
     @field_validator("amqp_url")
     @classmethod

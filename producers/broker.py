@@ -5,6 +5,14 @@ Declaring is rare and one-off (``exitpipe topology``, a daemon's start), so a pl
 ``retry_seconds``; a failed login and a channel error are not: a declaration the broker
 refuses (406 PRECONDITION_FAILED: the object exists with other arguments) is a bug or a
 deployment to fix, never weather.
+
+A user that may not configure (403 ACCESS_REFUSED: every daemon under its own broker user,
+``producers/users.py``) cannot declare, even what already exists. Declaring then falls back
+to checking: each refused exchange and queue is declared passively (which needs no
+permission) and must exist; a refused binding is left to the administrator who declared the
+topology (bindings cannot be read over AMQP 0-9-1). ``declare_topology`` returns what it
+could only check, so a daemon under a restricted user starts on a topology an administrator
+declared, and refuses to start, naming the object, on one that is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from schemas.topology import Exchange, Queue, Topology
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+ACCESS_REFUSED = 403
 Channel = Any  # pika's BlockingChannel; pika ships no type information
 
 
@@ -37,13 +46,16 @@ def declare_topology(
     retry_seconds: float = 30.0,
     connect_timeout: float = 5.0,
     ca_file: Path | str | None = None,
-) -> None:
+) -> list[str]:
     """Declare every exchange, queue (with its arguments) and binding; idempotent.
 
-    Raises ``TopologyMismatch`` naming the first object that exists with other arguments,
-    ``BrokerUnreachable`` when no connection could be had within ``retry_seconds``.
+    Returns the objects the user may not configure (403), which were only checked to exist
+    (bindings: left as they are); empty for a user that may configure. Raises
+    ``TopologyMismatch`` naming the first object that exists with other arguments,
+    ``BrokerError`` for a refused object that does not exist, ``BrokerUnreachable`` when no
+    connection could be had within ``retry_seconds``.
     """
-    _with_connection(
+    return _with_connection(
         url, lambda conn: _declare(conn, topo), retry_seconds, connect_timeout, ca_file
     )
 
@@ -106,14 +118,46 @@ def _bindings(topo: Topology) -> list[tuple[str, str, str]]:
     return [(q.name, exchange, key) for q in topo.queues for exchange, key in q.bindings]
 
 
-def _declare(conn: Any, topo: Topology) -> None:
+def _declare(conn: Any, topo: Topology) -> list[str]:
+    only_checked: list[str] = []
     for obj in _objects(topo):
+        if only_checked:  # known not to configure: ask no more refusals of the broker
+            _must_exist(conn, obj)
+            only_checked.append(str(obj))
+            continue
         try:
             _on_fresh_channel(conn, obj.declare)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            raise _refused_declaration(obj, exc) from exc
+            if exc.reply_code != ACCESS_REFUSED:
+                raise _refused_declaration(obj, exc) from exc
+            _must_exist(conn, obj)
+            only_checked.append(str(obj))
     for queue, exchange, key in _bindings(topo):
-        _on_fresh_channel(conn, partial(_bind, queue=queue, exchange=exchange, key=key))
+        if only_checked:  # binding needs write on the queue: the administrator's job
+            only_checked.append(f"binding {exchange} -> {queue} ({key})")
+        else:
+            _on_fresh_channel(conn, partial(_bind, queue=queue, exchange=exchange, key=key))
+    if only_checked:
+        log.info(
+            "this broker user may not configure: checked that the exchanges and queues exist"
+            " instead; bindings are left to the administrator"
+        )
+    return only_checked
+
+
+def _must_exist(conn: Any, obj: _Object) -> None:
+    """A passive declare (which needs no permission) of ``obj`` must pass."""
+    try:
+        _on_fresh_channel(conn, obj.exists)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise TopologyMissing(
+            f"{obj}: {_reason(exc)}, and this broker user may not declare it (ACCESS_REFUSED):"
+            " an administrator declares the topology (`exitpipe topology`)"
+        ) from exc
+
+
+class TopologyMissing(BrokerError):
+    """An object is missing and this broker user may not declare it: wait for the admin."""
 
 
 def _refused_declaration(obj: _Object, exc: pika.exceptions.ChannelClosedByBroker) -> BrokerError:

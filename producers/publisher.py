@@ -2,9 +2,11 @@
 
 Every message is persistent, ``mandatory`` and carries its ``message_id`` (the event id), so
 the broker tells us for each one whether it was stored (ack), refused (nack) or had nowhere
-to go (basic.return, then ack). Waiting for each confirm in turn caps a publisher at one
-round trip per message; instead up to ``window`` messages are in flight, and each confirm
-(often ``multiple``) lets more go.
+to go (basic.return, then ack). It also carries ``user_id``, the URL's user name: the
+broker refuses a ``user_id`` other than the login's, so consumers know who sent it.
+
+Waiting for each confirm in turn caps a publisher at one round trip per message; instead up
+to ``window`` messages are in flight, and each confirm (often ``multiple``) lets more go.
 
 The connection is driven from the caller's thread, only while ``publish`` runs, and kept open
 between calls. Heartbeats are therefore serviced only during ``publish``: a connection left
@@ -211,6 +213,8 @@ class _Link:
         self.ready = False
         self.error: BaseException | None = None
         self._window = window
+        # The login, which the broker checks user_id against (none for EXTERNAL auth).
+        self._user_id: str | None = getattr(params.credentials, "username", None) or None
         self._channel: Any = None
         self._batch: _Batch | None = None
         self._inflight: OrderedDict[int, int] = OrderedDict()  # delivery tag -> batch index
@@ -379,6 +383,7 @@ class _Link:
             delivery_mode=PERSISTENT,
             message_id=message.message_id,
             timestamp=timestamp,
+            user_id=self._user_id,
             headers=dict(message.headers) if message.headers else None,
         )
         try:

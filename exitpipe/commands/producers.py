@@ -1,8 +1,9 @@
 """Producer commands: ``topology``, ``report``, ``lifecycle``, ``launch``, ``spool list|flush``.
 
-Exit statuses: 0 done; 1 ``topology --check`` found problems (or a declaration was refused);
-2 bad arguments or bad input, naming the field; 69 broker unreachable and nothing kept;
-75 the event is kept in the local spool for a later delivery.
+Exit statuses: 0 done; 1 ``topology --check`` found problems (or a declaration was refused,
+or ``rabbitmqctl`` failed for ``--users``); 2 bad arguments or bad input, naming the field;
+69 broker unreachable and nothing kept; 75 the event is kept in the local spool for a later
+delivery.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pika
 from pydantic import ValidationError
 
 from exitpipe.cli import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
@@ -25,12 +27,14 @@ from producers.errors import BrokerError, TopologyMismatch, redact
 from producers.launch import Report, WorkerExit, exit_event, launch
 from producers.publisher import Publisher, outgoing
 from producers.spool import Spool
+from producers.users import Rabbitmqctl, UsersError, check_sites, grants, script, site_user
 from schemas.codes import Launcher
 from schemas.events import (
     EXIT_SCHEMA,
     LIFECYCLE_SCHEMA,
     BadMessage,
     Event,
+    ExitEvent,
     describe,
     parse_object,
 )
@@ -68,6 +72,32 @@ def _add_topology(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "topology", parents=[common], help="declare (or check) the namespace's exchanges and queues"
     )
     parser.add_argument("--check", action="store_true", help="only check; exit 1 on any problem")
+    users = parser.add_argument_group(
+        "broker users per role (see README, Security): <ns>-classifier, <ns>-job-state,"
+        " <ns>-server and <ns>-site-<site>; passwords from EXITPIPE_PASSWORD_<ROLE>"
+        " (e.g. EXITPIPE_PASSWORD_SITE_SITE_A), else generated and printed once"
+    )
+    users.add_argument(
+        "--users",
+        nargs="?",
+        const="",
+        metavar="SITES",
+        help="after declaring, create the users (comma-separated sites) with rabbitmqctl",
+    )
+    users.add_argument(
+        "--print",
+        dest="print_only",
+        action="store_true",
+        help="with --users: only print the rabbitmqctl commands (a shell script), change nothing",
+    )
+    users.add_argument(
+        "--rabbitmqctl",
+        default="rabbitmqctl",
+        metavar="PATH",
+        help="the rabbitmqctl to run (default: rabbitmqctl on PATH)",
+    )
+    users.add_argument("-n", "--node", help="the RabbitMQ node rabbitmqctl talks to")
+    users.add_argument("--vhost", help="virtual host of the permissions (default: the URL's)")
     parser.set_defaults(func=_topology)
 
 
@@ -127,6 +157,21 @@ def _job_and_site(parser: argparse.ArgumentParser) -> None:
 
 
 def _topology(args: argparse.Namespace, settings: Settings) -> int:
+    if args.users is None and (args.print_only or args.node or args.vhost):
+        return _fail("topology", "--print, --node and --vhost go with --users", EX_USAGE)
+    if args.users is not None and args.check:
+        return _fail("topology", "--check and --users do not go together", EX_USAGE)
+    if args.users is not None:
+        sites = [s.strip() for s in args.users.split(",") if s.strip()]
+        try:
+            check_sites(sites)
+        except ValueError as exc:
+            return _fail("topology", exc, EX_USAGE)
+        ctl = [args.rabbitmqctl, *(["-n", args.node] if args.node else [])]
+        vhost = args.vhost or pika.URLParameters(settings.amqp_url).virtual_host
+        if args.print_only:
+            print(script(grants(settings.namespace, sites), vhost, ctl), end="")
+            return EX_OK
     _quiet_pika()
     topo = _topology_of(settings)
     url, retry, ca_file = settings.amqp_url, settings.retry_seconds, settings.amqp_ca_file
@@ -134,12 +179,43 @@ def _topology(args: argparse.Namespace, settings: Settings) -> int:
         if args.check:
             problems = check_topology(url, topo, retry_seconds=retry, ca_file=ca_file)
             return _print_problems(problems)
-        declare_topology(url, topo, retry_seconds=retry, ca_file=ca_file)
+        only_checked = declare_topology(url, topo, retry_seconds=retry, ca_file=ca_file)
     except TopologyMismatch as exc:
         return _fail("topology", exc, EX_PROBLEMS)
     except BrokerError as exc:
         return _fail("topology", exc, EX_UNAVAILABLE)
+    if only_checked:
+        bindings = sum(1 for item in only_checked if item.startswith("binding "))
+        print(
+            "exitpipe topology: this broker user may not configure: checked that"
+            f" {len(only_checked) - bindings} exchanges and queues exist instead, and left"
+            f" {bindings} bindings unchecked (run `exitpipe topology` as an administrator)",
+            file=sys.stderr,
+        )
     print(f"declared namespace {settings.namespace} on {redact(settings.amqp_url)}")
+    if args.users is None:
+        return EX_OK
+    return _users(settings.namespace, sites, vhost, ctl)
+
+
+def _users(ns: str, sites: list[str], vhost: str, ctl: list[str]) -> int:
+    """Create the role users; a generated password is printed here once, and nowhere else."""
+    try:
+        applied = Rabbitmqctl(ctl).apply(grants(ns, sites), vhost)
+    except UsersError as exc:
+        return _fail("topology --users", exc, EX_PROBLEMS)
+    for a in applied:
+        if a.password is not None:
+            said = f"created; password {a.password}"
+        elif a.created:
+            said = f"created; password from {a.password_from}"
+        elif a.password_from:
+            said = f"exists; password set from {a.password_from}"
+        else:
+            said = "exists; password unchanged"
+        print(f"user {a.grant.user} ({a.grant.role}): {said}")
+    if any(a.password is not None for a in applied):
+        print("the generated passwords are shown this once and kept nowhere: store them now")
     return EX_OK
 
 
@@ -193,6 +269,8 @@ def _event(fields: dict[str, Any]) -> Event | BadMessage:
 def _publish(command: str, event: Event | BadMessage, settings: Settings) -> int:
     if isinstance(event, BadMessage):
         return _fail(command, event.reason, EX_USAGE)
+    if problem := _not_permitted(event, settings):
+        return _fail(command, problem, EX_USAGE)
     _quiet_pika()
     try:
         publisher = _publisher(settings)
@@ -212,7 +290,9 @@ def _launch(args: argparse.Namespace, settings: Settings) -> int:
         return _fail("launch", "give the worker's command after --", EX_USAGE)
     try:
         launcher = Launcher(args.launcher)
-        exit_event(args.job, args.site, launcher, WorkerExit(0), args.reason)  # validates
+        event = exit_event(args.job, args.site, launcher, WorkerExit(0), args.reason)
+        if problem := _not_permitted(event, settings):  # before the worker is started
+            return _fail("launch", problem, EX_USAGE)
         publisher = _publisher(settings)
     except ValueError as exc:
         choices = ", ".join(item.value for item in Launcher)
@@ -232,6 +312,36 @@ def _launch(args: argparse.Namespace, settings: Settings) -> int:
             report=report,
             rc_file=Path(args.rc_file) if args.rc_file else None,
         )
+
+
+def _not_permitted(event: Event, settings: Settings) -> str | None:
+    """Why the URL's role user may not publish ``event``, before anything is spooled.
+
+    The broker refuses it anyway (permissions, topic permissions: ``producers/users.py``);
+    refusing here keeps such an event out of the spool, where it would be refused again at
+    every later flush. Users outside the role naming of this namespace are not judged here.
+    """
+    try:
+        user = pika.URLParameters(settings.amqp_url).credentials.username
+    except Exception:  # a bad URL is reported by the publisher, with its own message
+        return None
+    ns = settings.namespace
+    prefix = site_user(ns, "")
+    exit_ = isinstance(event, ExitEvent)
+    if not isinstance(user, str):
+        return None
+    if user.startswith(prefix):
+        site = user.removeprefix(prefix)
+        if not exit_:
+            return f"broker user {user!r} is the user of site {site!r}: it may only report exits"
+        assert isinstance(event, ExitEvent)
+        if event.site != site:
+            return f"site: {event.site!r} is not the site of broker user {user!r} ({site!r})"
+    elif user == f"{ns}-server" and exit_:
+        return f"broker user {user!r} is the server's: it may not report exits (a site's may)"
+    elif user in (f"{ns}-classifier", f"{ns}-job-state"):
+        return f"broker user {user!r} is a daemon's: it may not publish events"
+    return None
 
 
 def _spool_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -24,6 +24,7 @@ from benchmarks.measure import (
     BenchConfig,
     measure_baseline,
     measure_exitpipe,
+    measure_memory,
     measure_replay,
 )
 
@@ -47,6 +48,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=100_000,
         help="events in the replay-from-file measurement (0 to skip)",
+    )
+    p.add_argument(
+        "--memory",
+        default="",
+        help="SMALL,LARGE: daemon RSS after SMALL and after LARGE events (SQLite)",
     )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -135,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         results["ratios"] = {k: v["max"]["rate"] / base for k, v in runs.items() if k != "baseline"}
     if args.replay_events:
         results["replay"] = measure_replay(args.replay_events)
+    if args.memory:
+        small, large = (int(x) for x in args.memory.split(","))
+        results["memory"] = measure_memory(config, small, large)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:

@@ -442,5 +442,3 @@ def measure_replay(count: int) -> dict[str, Any]:
         "wall_s": wall,
         "exit": proc.returncode,
     }
-
-

@@ -55,6 +55,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="SMALL,LARGE: daemon RSS after SMALL and after LARGE events (SQLite)",
     )
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument(
+        "--archive-baseline",
+        action="store_true",
+        help="also run the baseline with each hop fanned out into a stream, "
+        "the broker work exitpipe's archive adds",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return p.parse_args(argv)
 
@@ -81,7 +87,7 @@ def table(results: dict[str, Any]) -> str:
     rows = []
     for name, r in results["runs"].items():
         m, pc = r["max"], r.get("paced", {})
-        ratio = f"{m['rate'] / base:.2f}" if base and name != "baseline" else "-"
+        ratio = f"{m['rate'] / base:.2f}" if base and not name.startswith("baseline") else "-"
         rss = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r.get("peak_rss", {}).items()) or "-"
         rows.append(
             [
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     if not args.skip_baseline:
         runs["baseline"] = measure_baseline(config)
+        if args.archive_baseline:
+            runs["baseline+archive"] = measure_baseline(config, archive=True)
     for store in [s for s in args.stores.split(",") if s]:
         if store == "postgres" and not args.pg_url:
             continue
@@ -138,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" in runs:
         results["baseline"] = runs["baseline"]
         base = runs["baseline"]["max"]["rate"]
-        results["ratios"] = {k: v["max"]["rate"] / base for k, v in runs.items() if k != "baseline"}
+        results["ratios"] = {
+            k: v["max"]["rate"] / base for k, v in runs.items() if not k.startswith("baseline")
+        }
     if args.replay_events:
         results["replay"] = measure_replay(args.replay_events)
     if args.memory:

@@ -37,6 +37,8 @@ def _connect(url: str, on_channel: Any) -> SelectConnection:
 def relay(url: str, source: str, target: str, prefetch: int) -> None:
     """Validate, forward with confirms, ack inputs in order once their forwards are confirmed."""
     state: dict[str, Any] = {"seq": 0}
+    # "x:NAME" forwards through exchange NAME (the archive variant fans out to a stream too).
+    exchange, key = (target[2:], "") if target.startswith("x:") else ("", target)
     pending: OrderedDict[int, int] = OrderedDict()  # publish seq -> input delivery tag
 
     def on_confirm(frame: Any) -> None:
@@ -48,7 +50,7 @@ def relay(url: str, source: str, target: str, prefetch: int) -> None:
 
     def on_message(ch: Any, method: Any, props: BasicProperties, body: bytes) -> None:
         ExitEvent.model_validate_json(body)
-        ch.basic_publish("", target, body, props)
+        ch.basic_publish(exchange, key, body, props)
         state["seq"] += 1
         pending[state["seq"]] = method.delivery_tag
 

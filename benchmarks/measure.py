@@ -115,8 +115,10 @@ def raw_publish(
     count: int,
     rate: float | None,
     window: int = 1000,
+    exchange: str = "",
 ) -> None:
-    """Publish ``count`` messages to ``queue`` with up to ``window`` confirms in flight."""
+    """Publish ``count`` messages to ``queue`` (or through ``exchange``) with up to ``window``
+    confirms in flight."""
     state: dict[str, Any] = {"sent": 0, "confirmed": 0, "t0": 0.0}
     inflight: OrderedDict[int, None] = OrderedDict()
 
@@ -128,7 +130,7 @@ def raw_publish(
             props = BasicProperties(
                 delivery_mode=2, content_type="application/json", headers={"x-t": repr(time.time())}
             )
-            ch.basic_publish("", queue, bodies(state["sent"]), props)
+            ch.basic_publish(exchange, queue, bodies(state["sent"]), props)
             inflight[state["sent"]] = None
         if rate is not None and state["sent"] < count:
             state["conn"].ioloop.call_later(0.002, pump)
@@ -160,16 +162,26 @@ def raw_publish(
     conn.ioloop.start()
 
 
-def _baseline_round(config: BenchConfig, count: int, rate: float | None) -> dict[str, Any]:
+def _baseline_round(
+    config: BenchConfig, count: int, rate: float | None, archive: bool = False
+) -> dict[str, Any]:
+    """One raw run; with ``archive`` each hop also fans out into a stream, as exitpipe's do."""
     ns = f"bench-{uuid.uuid4().hex[:8]}"
-    q1, q2 = f"{ns}.q1", f"{ns}.q2"
+    q1, q2, stream = f"{ns}.q1", f"{ns}.q2", f"{ns}.archive"
     conn = pika.BlockingConnection(pika.URLParameters(config.amqp_url))
     ch = conn.channel()
     for q in (q1, q2):
         ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+    if archive:
+        ch.queue_declare(stream, durable=True, arguments={"x-queue-type": "stream"})
+        for x, q in ((f"{ns}.x1", q1), (f"{ns}.x2", q2)):
+            ch.exchange_declare(x, "fanout", durable=True)
+            ch.queue_bind(q, x)
+            ch.queue_bind(stream, x)
     conn.close()
     cmd = [sys.executable, "-m", "benchmarks.baseline"]
-    relay = subprocess.Popen([*cmd, "relay", config.amqp_url, q1, q2, str(config.prefetch)])
+    target = f"x:{ns}.x2" if archive else q2
+    relay = subprocess.Popen([*cmd, "relay", config.amqp_url, q1, target, str(config.prefetch)])
     sink = subprocess.Popen(
         [*cmd, "sink", config.amqp_url, q2, str(count), str(config.prefetch)],
         stdout=subprocess.PIPE,
@@ -178,7 +190,14 @@ def _baseline_round(config: BenchConfig, count: int, rate: float | None) -> dict
         time.sleep(1.0)  # both consuming
         run = uuid.uuid4().hex[:6]
         t0 = time.time()
-        raw_publish(config.amqp_url, q1, lambda i: _event(run, i).to_json(), count, rate)
+        raw_publish(
+            config.amqp_url,
+            q1,
+            lambda i: _event(run, i).to_json(),
+            count,
+            rate,
+            exchange=f"{ns}.x1" if archive else "",
+        )
         out, _ = sink.communicate(timeout=600)
         result = json.loads(out)
         rss = {"relay": _peak_rss(relay.pid)}
@@ -191,17 +210,19 @@ def _baseline_round(config: BenchConfig, count: int, rate: float | None) -> dict
         relay.kill()
         sink.kill()
         relay.wait()
-        _delete(config.amqp_url, [q1, q2], [])
+        exchanges = [f"{ns}.x1", f"{ns}.x2"] if archive else []
+        _delete(config.amqp_url, [q1, q2, stream], exchanges)
 
 
-def measure_baseline(config: BenchConfig) -> dict[str, Any]:
+def measure_baseline(config: BenchConfig, archive: bool = False) -> dict[str, Any]:
     """Raw pika: the maximum rate, then a paced run."""
-    log(f"baseline: {config.events} events at the maximum rate")
-    top = _baseline_round(config, config.events, None)
+    name = "baseline+archive" if archive else "baseline"
+    log(f"{name}: {config.events} events at the maximum rate")
+    top = _baseline_round(config, config.events, None, archive)
     paced_n = int(config.rate * config.paced_seconds)
-    log(f"baseline: {paced_n} events paced at {config.rate:.0f}/s")
-    paced = _baseline_round(config, paced_n, config.rate)
-    log(f"baseline: {top['rate']:.0f} events/s")
+    log(f"{name}: {paced_n} events paced at {config.rate:.0f}/s")
+    paced = _baseline_round(config, paced_n, config.rate, archive)
+    log(f"{name}: {top['rate']:.0f} events/s")
     return {"max": top, "paced": paced, "peak_rss": top.pop("peak_rss")}
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import builtins
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -86,10 +88,30 @@ _COUNT_DUPLICATE = (
 _UPDATE_JOB = "UPDATE jobs SET status = %s, sites = %s, updated_at = %s WHERE job_id = %s"
 _ENSURE_JOB = "INSERT INTO jobs (job_id, updated_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _LOCK_JOB = "SELECT status, sites FROM jobs WHERE job_id = %s FOR UPDATE"
+# Rows are inserted and locked in job_id order, the same global order as _LOCK_JOB's loop.
+_ENSURE_JOBS = (
+    "INSERT INTO jobs (job_id, updated_at) SELECT j, %s FROM unnest(%s::text[]) AS j "
+    "ORDER BY j ON CONFLICT DO NOTHING"
+)
+_LOCK_JOBS = (
+    "SELECT job_id, status, sites FROM jobs WHERE job_id = ANY(%s) ORDER BY job_id FOR UPDATE"
+)
+_SEEN_ROWS = f"SELECT {_COLUMNS} FROM history WHERE event_id = ANY(%s::uuid[])"
+_INSERT_NEW = _INSERT_ROW.removesuffix(" RETURNING seq")
+_ADD_DUPLICATES = "UPDATE history SET duplicates = duplicates + %s WHERE event_id = %s"
 # Per schema, so stores in different schemas of one database do not wait for each other.
 _MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('exitpipe.schema:' || current_schema()))"
 
 Connection = psycopg.Connection[DictRow]
+
+
+class _InboxRace(Exception):
+    """An event id of the batch was filed under another job while the batch was planned."""
+
+
+def _job_params(job: Job, now: datetime) -> tuple[Any, ...]:
+    sites = Jsonb(list(job.sites)) if job.sites is not None else None
+    return (job.status.value if job.status else None, sites, now, job.job_id)
 
 
 def _params(values: dict[str, Any]) -> dict[str, Any]:
@@ -178,13 +200,67 @@ class PostgresStore:
         """Apply events in order in one transaction; one result per event, in order."""
         if not events:
             return []
-        with self._session() as conn, conn.transaction():
-            now = utc(self._clock())
-            job_ids = sorted({event.job_id for event in events})
-            jobs = self._lock_jobs(conn, job_ids, now)
-            results = [self._apply_one(conn, jobs, event, now) for event in events]
-            conn.execute("DELETE FROM jobs WHERE job_id = ANY(%s) AND status IS NULL", (job_ids,))
-            return results
+        try:
+            with self._session() as conn, conn.transaction():
+                return self._apply_set(conn, events)
+        except _InboxRace:
+            # An event id filed meanwhile under another job (ids are global): redo the batch
+            # one statement at a time, where each conflict is seen as it happens.
+            with self._session() as conn, conn.transaction():
+                return self._apply_each(conn, events)
+
+    def _apply_set(self, conn: Connection, events: Sequence[JobEvent]) -> builtins.list[Applied]:
+        # Set-based: lock the batch's jobs in sorted order with one statement, read their
+        # inbox rows with one, run the pure state machine in memory, write with executemany
+        # (pipelined by psycopg). The job locks make the inbox read stable: the same event
+        # id comes for the same job, and its other consumers wait on the lock.
+        now = utc(self._clock())
+        job_ids = sorted({event.job_id for event in events})
+        conn.execute(_ENSURE_JOBS, (now, job_ids))
+        jobs = {
+            r["job_id"]: job_from(r["job_id"], r["status"], r["sites"])
+            for r in conn.execute(_LOCK_JOBS, (job_ids,))
+        }
+        ids = [str(event.event_id) for event in events]
+        seen = {
+            str(r["event_id"]): row_from(r) for r in conn.execute(_SEEN_ROWS, (sorted(set(ids)),))
+        }
+        results: builtins.list[Applied] = []
+        new_rows: builtins.list[HistoryRow] = []
+        repeats: Counter[str] = Counter()
+        touched: dict[str, Job] = {}
+        for event, event_id in zip(events, ids, strict=True):
+            if event_id in seen:
+                seen[event_id] = row = replace(
+                    seen[event_id], duplicates=seen[event_id].duplicates + 1
+                )
+                repeats[event_id] += 1
+                results.append(Applied(row=row, duplicate=True))
+                continue
+            after, row = apply(jobs[event.job_id], event, now)
+            jobs[event.job_id] = touched[event.job_id] = after
+            seen[event_id] = row = normalised(row)
+            new_rows.append(row)
+            results.append(Applied(row=row, duplicate=False))
+        with conn.cursor() as cur:
+            if new_rows:
+                cur.executemany(_INSERT_NEW, [_params(row_values(r)) for r in new_rows])
+                if cur.rowcount != len(new_rows):
+                    raise _InboxRace
+            if repeats:
+                cur.executemany(_ADD_DUPLICATES, [(n, i) for i, n in repeats.items()])
+            if touched:
+                cur.executemany(_UPDATE_JOB, [_job_params(j, now) for j in touched.values()])
+        conn.execute("DELETE FROM jobs WHERE job_id = ANY(%s) AND status IS NULL", (job_ids,))
+        return results
+
+    def _apply_each(self, conn: Connection, events: Sequence[JobEvent]) -> builtins.list[Applied]:
+        now = utc(self._clock())
+        job_ids = sorted({event.job_id for event in events})
+        jobs = self._lock_jobs(conn, job_ids, now)
+        results = [self._apply_one(conn, jobs, event, now) for event in events]
+        conn.execute("DELETE FROM jobs WHERE job_id = ANY(%s) AND status IS NULL", (job_ids,))
+        return results
 
     @staticmethod
     def _lock_jobs(conn: Connection, job_ids: builtins.list[str], now: datetime) -> dict[str, Job]:

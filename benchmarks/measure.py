@@ -29,8 +29,8 @@ from pika.spec import BasicProperties
 
 from producers.broker import declare_topology
 from producers.publisher import Publisher, outgoing
-from schemas.codes import Code, Launcher
-from schemas.events import ExitEvent
+from schemas.codes import Code, JobStatus, Launcher
+from schemas.events import ExitEvent, LifecycleEvent
 from schemas.topology import Names, topology
 
 
@@ -437,14 +437,64 @@ def measure_memory(config: BenchConfig, small: int, large: int) -> dict[str, Any
     return out
 
 
+def _job_stories(count: int) -> Iterator[bytes]:
+    """A realistic archive: per job SUBMITTED, DISPATCHED, RUNNING, an exit per site (most
+    SUCCESS, some teardown EXECUTION_ERROR, one job in ten an EXCEPTION) and FINISHED."""
+    sites = ["site-1", "site-2", "site-3"]
+    made, job = 0, 0
+    while made < count:
+        job_id = f"rp-{job}"
+        events: list[Any] = [
+            LifecycleEvent(
+                event_id=uuid.uuid4(),
+                job_id=job_id,
+                status=s,
+                occurred_at=_now(),
+                sites=sites if s is JobStatus.SUBMITTED else None,
+            )
+            for s in (JobStatus.SUBMITTED, JobStatus.DISPATCHED, JobStatus.RUNNING)
+        ]
+        for n, site in enumerate(sites):
+            code = (
+                Code.EXCEPTION
+                if job % 10 == 0 and n == 0
+                else (Code.EXECUTION_ERROR if n == 2 else Code.SUCCESS)
+            )
+            events.append(
+                ExitEvent(
+                    event_id=uuid.uuid4(),
+                    job_id=job_id,
+                    site=site,
+                    code=code,
+                    return_code=int(code),
+                    occurred_at=_now(),
+                )
+            )
+        events.append(
+            LifecycleEvent(
+                event_id=uuid.uuid4(),
+                job_id=job_id,
+                status=JobStatus.FINISHED_COMPLETED,
+                occurred_at=_now(),
+            )
+        )
+        for event in events[: count - made]:
+            yield event.to_json()
+        made += len(events)
+        job += 1
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def measure_replay(count: int) -> dict[str, Any]:
     """``exitpipe replay --file`` of ``count`` events; the rate it reports."""
     workdir = Path(tempfile.mkdtemp(prefix="exitpipe-bench-"))
     path = workdir / "events.jsonl"
-    with path.open("w") as f:
-        for i in range(count):
-            ev = _event(f"rp{i % 5000}", i // 5000)
-            f.write(ev.to_json().decode() + "\n")
+    with path.open("wb") as f:
+        for line in _job_stories(count):
+            f.write(line + b"\n")
     log(f"replay --file of {count} events")
     t0 = time.monotonic()
     proc = subprocess.run(

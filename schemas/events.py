@@ -72,9 +72,12 @@ def _rfc3339(value: Any) -> Any:
     if not isinstance(value, str) or not _RFC3339_RE.fullmatch(value):
         raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z")
     try:
-        parsed = datetime.fromisoformat(value.upper())  # RFC 3339 allows 't' and 'z'
+        parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a real date and time") from None
+        try:
+            parsed = datetime.fromisoformat(value.upper())  # RFC 3339 allows 't' and 'z'
+        except ValueError:
+            raise ValueError(f"{value!r} is not a real date and time") from None
     # Zero offsets share the one UTC object, which keeps later normalisation free.
     return parsed if parsed.utcoffset() else parsed.replace(tzinfo=UTC)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import builtins
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
+from uuid import UUID
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
 from consumers.store import Applied, JobSummary, JobView
@@ -25,13 +26,15 @@ class _JobRecord:
     updated_at: datetime
 
 
-@dataclass
 class _Batch:
     """Writes of one batch, read through before the committed state."""
 
-    jobs: dict[str, _JobRecord] = field(default_factory=dict)
-    rows: dict[str, HistoryRow] = field(default_factory=dict)
-    new: builtins.list[HistoryRow] = field(default_factory=builtins.list)
+    __slots__ = ("jobs", "new", "rows")  # made once per batch: replay makes one per event
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, _JobRecord] = {}
+        self.rows: dict[UUID, HistoryRow] = {}
+        self.new: builtins.list[tuple[UUID, HistoryRow]] = []
 
 
 class MemoryStore:
@@ -41,8 +44,9 @@ class MemoryStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, _JobRecord] = {}
-        self._rows: dict[str, HistoryRow] = {}  # the inbox: every event id, any job
-        self._order: dict[str, builtins.list[str]] = {}  # job id -> event ids, oldest first
+        # The inbox, keyed by the event's UUID (hashing it is cheaper than formatting it).
+        self._rows: dict[UUID, HistoryRow] = {}
+        self._order: dict[str, builtins.list[UUID]] = {}  # job id -> event ids, oldest first
 
     def apply_batch(self, events: Sequence[JobEvent]) -> builtins.list[Applied]:
         """Apply events in order; all of the batch is kept, or none of it."""
@@ -54,7 +58,7 @@ class MemoryStore:
             return results
 
     def _apply_one(self, batch: _Batch, event: JobEvent, now: datetime) -> Applied:
-        event_id = str(event.event_id)
+        event_id = event.event_id
         seen = batch.rows.get(event_id) or self._rows.get(event_id)
         if seen is not None:
             counted = replace(seen, duplicates=seen.duplicates + 1)
@@ -65,7 +69,7 @@ class MemoryStore:
         row = normalised(row)
         batch.jobs[event.job_id] = _JobRecord(after, now)
         batch.rows[event_id] = row
-        batch.new.append(row)
+        batch.new.append((event_id, row))
         return Applied(row=row, duplicate=False)
 
     def _job(self, batch: _Batch, job_id: str) -> Job:
@@ -75,8 +79,8 @@ class MemoryStore:
     def _commit(self, batch: _Batch) -> None:
         self._jobs.update(batch.jobs)
         self._rows.update(batch.rows)
-        for row in batch.new:
-            self._order.setdefault(row.job_id, []).append(row.event_id)
+        for event_id, row in batch.new:
+            self._order.setdefault(row.job_id, []).append(event_id)
 
     def get(self, job_id: str) -> JobView | None:
         """A job and its history, oldest row first; None for a job never seen."""

@@ -131,7 +131,6 @@ class Consumer:
         self._generation = 0
         self._consuming = False
         self._stopping = False
-        self._cancelled = False
         self._reset_channel_state()
 
     # -- public, any thread --------------------------------------------------------------
@@ -290,21 +289,22 @@ class Consumer:
     # -- stopping ---------------------------------------------------------------------------
 
     def _begin_stop(self) -> None:
+        # No basic.cancel: RabbitMQ 3.10's quorum queues return a cancelled consumer's
+        # unacked messages at once and ignore later acks for them, so every message in hand
+        # would be redelivered (and applied again as a duplicate). Instead, stop handling new
+        # deliveries, finish and ack what is in hand, then close: only the deliveries never
+        # handled go back to the queue (their delivery count goes up by one).
         channel = self._channel
         if channel is None or not channel.is_open or self._stopping:
             return
         self._stopping = True
-        if self._consumer_tag is not None:
-            channel.basic_cancel(self._consumer_tag, callback=lambda _f: self._maybe_close())
-        else:
-            self._maybe_close()
+        self._maybe_close()
         conn = self._connection
         if conn is not None:
             conn.ioloop.call_later(self.config.stop_grace, self._close)
 
     def _maybe_close(self) -> None:
-        self._cancelled = True
-        if self._stopping and self._cancelled and not self._unsettled:
+        if self._stopping and not self._unsettled:
             self._close()
 
     def _close(self) -> None:
@@ -327,11 +327,12 @@ class Consumer:
         self._publish_seq = 0
         self._flush_scheduled = False
         self._stopping = False
-        self._cancelled = False
 
     def _on_message(
         self, _ch: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
+        if self._stopping:
+            return  # left unacked: the broker takes it back when the channel closes
         delivery = Delivery(
             method.delivery_tag,
             body,
@@ -343,9 +344,9 @@ class Consumer:
         self._unsettled[delivery.tag] = [_WAITING, delivery]
         try:
             action = self.handler.handle(delivery)
-        except Exception as exc:  # a bug: let the delivery limit decide, keep the daemon up
+        except Exception:  # a bug: keep the daemon up, let the broker's delivery limit decide
             log.exception("%s: handler failed on delivery %d", self.config.name, delivery.tag)
-            action = Requeue() if not delivery.redelivered else DeadLetter(f"handler: {exc!r}")
+            action = Requeue()
         if action is not None:
             self._settle(delivery, action)
 
@@ -448,8 +449,7 @@ class Consumer:
         channel = self._channel
         if last is not None and channel is not None and channel.is_open:
             channel.basic_ack(last, multiple=True)
-        if self._stopping and self._cancelled and not self._unsettled:
-            self._close()
+        self._maybe_close()
 
 
 def _dead_letter_properties(delivery: Delivery, reason: str, source: str) -> BasicProperties:

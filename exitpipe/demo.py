@@ -16,20 +16,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pika
-
 from consumers.policy import Policy, decide, load_policy
 from consumers.store import JobView, Store
 from consumers.store.factory import open_store
 from exitpipe.commands.table import render
 from exitpipe.runtime import Pipeline, topology_of
 from exitpipe.settings import Settings, redact
-from producers.broker import declare_topology
+from producers.broker import declare_topology, delete_topology
 from producers.errors import BrokerError
-from producers.publisher import Publisher, connection_parameters, outgoing, problem
+from producers.publisher import Publisher, publish_events
 from schemas.codes import Action, Code, JobStatus, Launcher
 from schemas.events import ExitEvent, LifecycleEvent
-from schemas.topology import Names, Topology
+from schemas.topology import Names
 
 Event = ExitEvent | LifecycleEvent
 SITES = ["site-1", "site-2", "site-3"]
@@ -270,14 +268,6 @@ def report(stories: Sequence[Story], store: Store, policy: Policy) -> tuple[str,
     return render(["job", "story", "final status", "check", "why", "also"], rows), ok
 
 
-def _send(publisher: Publisher, names: Names, events: Sequence[Event]) -> None:
-    messages = [outgoing(names, event) for event in events]
-    for message, outcome in zip(messages, publisher.publish(messages), strict=True):
-        error = problem(message, outcome)
-        if error is not None:
-            raise error
-
-
 def run_demo(settings: Settings, keep: bool = False, timeout: float = 25.0) -> int:
     """Run the demo; 0 when every job ended as expected."""
     t0 = time.monotonic()
@@ -332,7 +322,7 @@ def run_demo(settings: Settings, keep: bool = False, timeout: float = 25.0) -> i
             ca_file=settings.amqp_ca_file,
         ) as publisher:
             first = [e for s in stories for e in s.events]
-            _send(publisher, names, first)
+            publish_events(publisher, names, first)
             say(f"published {len(first)} events for {len(stories)} jobs; waiting for the store")
             _wait(
                 store,
@@ -342,7 +332,7 @@ def run_demo(settings: Settings, keep: bool = False, timeout: float = 25.0) -> i
                 "first wave",
             )
             late = [e for s in stories for e in s.late]
-            _send(publisher, names, late)
+            publish_events(publisher, names, late)
             say(f"published {len(late)} late events (a report after failure, a redelivery)")
         _wait(store, stories, lambda s: expected_rows(s, policy), timeout, "late events")
         _wait_duplicates(store, stories, timeout)
@@ -361,7 +351,7 @@ def run_demo(settings: Settings, keep: bool = False, timeout: float = 25.0) -> i
         if keep:
             print(f"kept: EXITPIPE_NAMESPACE={settings.namespace} EXITPIPE_STORE={settings.store}")
         else:
-            delete_topology(settings, topology_of(settings))
+            delete_topology(settings.amqp_url, topology_of(settings), ca_file=settings.amqp_ca_file)
             shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -378,17 +368,3 @@ def _wait_duplicates(store: Store, stories: Sequence[Story], timeout: float) -> 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"duplicates of {story.job_id} not seen within {timeout:.0f}s")
             time.sleep(0.05)
-
-
-def delete_topology(settings: Settings, topo: Topology) -> None:
-    """Remove the demo's namespace from the broker."""
-    params = connection_parameters(settings.amqp_url, ca_file=settings.amqp_ca_file)
-    conn = pika.BlockingConnection(params)
-    try:
-        channel = conn.channel()
-        for queue in topo.queues:
-            channel.queue_delete(queue.name)
-        for exchange in topo.exchanges:
-            channel.exchange_delete(exchange.name)
-    finally:
-        conn.close()

@@ -60,6 +60,27 @@ def declare_topology(
     )
 
 
+def delete_topology(
+    url: str,
+    topo: Topology,
+    *,
+    retry_seconds: float = 30.0,
+    connect_timeout: float = 5.0,
+    ca_file: Path | str | None = None,
+) -> None:
+    """Delete every queue and exchange of ``topo`` (missing ones are fine): the demo's and the
+    tests' clean-up. Messages in the queues are lost, so never point it at a live namespace."""
+
+    def delete(conn: Any) -> None:
+        channel = conn.channel()
+        for queue in topo.queues:
+            channel.queue_delete(queue.name)
+        for exchange in topo.exchanges:
+            channel.exchange_delete(exchange.name)
+
+    _with_connection(url, delete, retry_seconds, connect_timeout, ca_file)
+
+
 def check_topology(
     url: str,
     topo: Topology,

@@ -120,6 +120,15 @@ def publish_event(publisher: Publisher, names: Names, event: Event) -> None:
         raise error
 
 
+def publish_events(publisher: Publisher, names: Names, events: Sequence[Event]) -> None:
+    """Publish events with their confirms; raise the BrokerError of the first one not stored."""
+    messages = [outgoing(names, event) for event in events]
+    for message, outcome in zip(messages, publisher.publish(messages), strict=True):
+        error = problem(message, outcome)
+        if error is not None:
+            raise error
+
+
 def connection_parameters(
     url: str,
     *,

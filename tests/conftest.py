@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
 
-import pika
 import psycopg
 import pytest
 
+from producers.broker import delete_topology
 from schemas.topology import topology
 
 
@@ -81,16 +81,7 @@ def namespace(amqp_url: str) -> Iterator[str]:
 
 def delete_namespace(amqp_url: str, ns: str) -> None:
     """Delete every exchange and queue of ``ns`` (missing ones are fine)."""
-    topo = topology(ns)
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        ch = conn.channel()
-        for q in topo.queues:
-            ch.queue_delete(q.name)
-        for ex in topo.exchanges:
-            ch.exchange_delete(ex.name)
-    finally:
-        conn.close()
+    delete_topology(amqp_url, topology(ns), retry_seconds=5)
 
 
 @pytest.fixture

@@ -131,11 +131,8 @@ def count(amqp_url: str, queue: str) -> int:
 
 def send(amqp_url: str, namespace: str, events: list[Any]) -> None:
     """Publish events as a launcher and the server would, through the real producer code."""
-    from producers.publisher import Publisher, outgoing, problem
+    from producers.publisher import Publisher, publish_events
     from schemas.topology import Names
 
-    messages = [outgoing(Names(namespace), event) for event in events]
     with Publisher(amqp_url, retry_seconds=10) as publisher:
-        outcomes = publisher.publish(messages)
-    errors = [problem(m, o) for m, o in zip(messages, outcomes, strict=True)]
-    assert not any(errors), errors
+        publish_events(publisher, Names(namespace), events)

@@ -159,13 +159,20 @@ def _stamp(path: Path | None) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
 
 
+_RC_FILE_MAX = 64
+
+
 def _written(path: Path | None, before: tuple[int, int, int] | None) -> int | None:
     """The rc file's integer if the worker wrote it during this run."""
     after = _stamp(path)
     if path is None or after is None or after == before:
         return None
     try:
-        value = int(path.read_text(encoding="utf-8").strip())
+        with path.open("rb") as f:
+            head = f.read(_RC_FILE_MAX + 1)  # a worker may write anything there: read a little
+        if len(head) > _RC_FILE_MAX:
+            raise ValueError(f"more than {_RC_FILE_MAX} bytes, not a return code")
+        value = int(head.decode("utf-8").strip())
         if value not in _INT32:
             raise ValueError(f"{value} is not a 32-bit integer")
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError

@@ -162,6 +162,17 @@ def test_the_rc_file_written_by_the_worker_is_the_return_code(
     assert event.reason == "model diverged; rc file said 101, process exited 1"
 
 
+def test_a_huge_rc_file_is_ignored_not_read(amqp_url: str, names: Names, tmp_path: Path) -> None:
+    rc_file = tmp_path / "_process_rc.txt"
+    worker = f"open({str(rc_file)!r}, 'w').write('1' * 10_000_000); raise SystemExit(9)"
+    extra = ("--rc-file", str(rc_file))
+    done = run(launch_args(amqp_url, names, tmp_path / "spool", *extra) + python(worker))
+    assert done.returncode == 9
+    assert "more than 64 bytes" in done.stderr
+    event = reported(amqp_url, names)
+    assert (event.code, event.return_code) == (Code.ABORTED, 9)
+
+
 def test_a_stale_rc_file_from_an_earlier_run_is_ignored(
     amqp_url: str, names: Names, tmp_path: Path
 ) -> None:

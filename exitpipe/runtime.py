@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -103,6 +104,11 @@ class Pipeline:
         self._declare()
         if self._stopped.is_set():
             return
+        # Everything made so far (modules, models, the policy) lives as long as the daemon:
+        # move it out of the cyclic collector's sight, so its full passes walk only what the
+        # messages make and stop adding tens of milliseconds to the latency tail.
+        gc.collect()
+        gc.freeze()
         if self.settings.metrics_port is not None:
             self._http = serve_http(self.settings.metrics_port, lambda: self.healthy)
         for name, consumer in self.consumers.items():

@@ -204,3 +204,46 @@ def test_health_and_metrics_endpoints(amqp_url: str, namespace: str, tmp_path) -
         text = urllib.request.urlopen(f"{base}/metrics").read().decode()
         assert "exitpipe_processing_seconds_bucket" in text
         assert 'exitpipe_events_total{daemon="classifier",decision="stop",outcome=""}' in text
+
+
+def test_health_fails_while_the_broker_is_away_and_recovers(
+    amqp_url: str, namespace: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import urllib.error
+    from urllib.parse import urlsplit
+
+    from tests.support.proxy import Proxy
+
+    def health(port: int) -> int:
+        try:
+            return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parts = urlsplit(amqp_url)
+    with Proxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+        settings = settings_for(
+            proxy.url(amqp_url), namespace, f"sqlite:///{tmp_path / 'j.db'}", metrics_port=port
+        )
+        with running(settings):
+            assert health(port) == 200
+            proxy.refuse()
+            proxy.reset()
+            wait_until(lambda: health(port) == 503)
+            proxy.passthrough()
+            wait_until(lambda: health(port) == 200, timeout=30)
+            send(amqp_url, namespace, [exit_event("h-1", "site-1", Code.EXCEPTION, 101)])
+
+            def applied() -> bool:
+                store = open_store(f"sqlite:///{tmp_path / 'j.db'}")
+                try:
+                    job = store.get("h-1")
+                    return job is not None and job.status is JobStatus.FINISHED_EXECUTION_EXCEPTION
+                finally:
+                    store.close()
+
+            wait_until(applied)

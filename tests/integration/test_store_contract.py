@@ -16,6 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -536,3 +537,35 @@ def test_postgres_reconnects_after_a_lost_connection(pg_url: str, pg_store_url: 
 
 def _s(seconds: int) -> timedelta:
     return timedelta(seconds=seconds)
+
+
+@pytest.mark.integration
+def test_postgres_redoes_a_batch_when_an_id_is_filed_under_another_job_meanwhile(
+    pg_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import consumers.store.postgres as pg
+
+    first, other = PostgresStore(pg_store_url), PostgresStore(pg_store_url)
+    try:
+        fail_a = transition(job_id="job-a")
+        fail_b = transition(job_id="job-b", event_id=fail_a.event_id)
+        real, raced = pg.apply, []
+
+        def racing(*args: Any) -> Any:
+            # Between the first store's inbox read and its insert, another consumer files the
+            # same event id under another job and commits.
+            if not raced:
+                raced.append(True)
+                other.apply_batch([fail_b])
+            return real(*args)
+
+        monkeypatch.setattr(pg, "apply", racing)
+        [result] = first.apply_batch([fail_a])
+
+        assert raced and result.duplicate and result.row.job_id == "job-b"
+        assert first.get("job-a") is None
+        view = first.get("job-b")
+        assert view is not None and [r.duplicates for r in view.history] == [1]
+    finally:
+        first.close()
+        other.close()

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.faults.conftest import Scenario
-from tests.faults.harness import Producer, daemons, flat, wait_for, workload
+from tests.faults.harness import Producer, daemons, flat, stored_ids, wait_for, workload
 from tests.support.proxy import Proxy
 
 pytestmark = pytest.mark.faults
@@ -27,6 +27,8 @@ def test_sqlite_locked(scenario: Scenario) -> None:
         producer = Producer(scenario.url, history, events, pause=0.05)
         producer.start()
         wait_for(lambda: producer.sent >= len(events) // 4, 60, "a quarter of the load")
+        # The outage must hit a daemon that is applying, not one still starting up.
+        wait_for(lambda: stored_ids(scenario.store_url), 60, "the daemon applying events")
         path = scenario.store_url.removeprefix("sqlite:///")
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
             db.execute("BEGIN EXCLUSIVE")
@@ -56,6 +58,8 @@ def test_postgres_cut(scenario: Scenario, pg_store_url: str) -> None:
             producer = Producer(scenario.url, history, events, pause=0.05)
             producer.start()
             wait_for(lambda: producer.sent >= len(events) // 4, 60, "a quarter of the load")
+            # The outage must hit a daemon that is applying, not one still starting up.
+            wait_for(lambda: stored_ids(pg_store_url), 60, "the daemon applying events")
             proxy.refuse()
             proxy.reset()  # what clients see while PostgreSQL restarts
             threading.Event().wait(5)

@@ -31,6 +31,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from consumers.observe import DEAD_LETTERED
 from producers.publisher import connection_parameters
 from schemas.topology import ERROR_HEADER, SOURCE_HEADER
 
@@ -81,6 +82,19 @@ Action = Ack | Forward | DeadLetter | Requeue
 ACK = Ack()
 
 
+def dead_letter(daemon: str, delivery: Delivery, reason: str) -> DeadLetter:
+    """The action for bad input, logged with its reason and counted."""
+    log.warning(
+        "%s: dead-letter message_id=%s reason=%s",
+        daemon,
+        delivery.properties.message_id,
+        reason,
+        extra={"fields": {"event_id": delivery.properties.message_id, "error": reason}},
+    )
+    DEAD_LETTERED.labels(daemon).inc()
+    return DeadLetter(reason)
+
+
 class Handler(Protocol):
     """Decides what to do with each delivery; returns None to settle later."""
 
@@ -105,7 +119,6 @@ class ConnectionLost(Exception):
     """The broker could not be reached, or the connection dropped before it was consuming."""
 
 
-_WAITING, _DONE = 0, 1
 _PERSISTENT = 2
 
 
@@ -127,10 +140,9 @@ class Consumer:
         self._stop_requested = threading.Event()
         self._connection: SelectConnection | None = None
         self._channel: Channel | None = None
-        self._consumer_tag: str | None = None
         self._generation = 0
         self._consuming = False
-        self._stopping = False
+        self._stopping = False  # declared here for the type checker; reset per channel
         self._reset_channel_state()
 
     # -- public, any thread --------------------------------------------------------------
@@ -263,7 +275,7 @@ class Consumer:
         if self._stop_requested.is_set():
             self._close()
             return
-        self._consumer_tag = self._channel.basic_consume(
+        self._channel.basic_consume(
             self.config.queue, self._on_message, auto_ack=False, callback=self._on_consume_ok
         )
 
@@ -321,7 +333,7 @@ class Consumer:
     # -- messages -------------------------------------------------------------------------
 
     def _reset_channel_state(self) -> None:
-        self._unsettled: OrderedDict[int, list[Any]] = OrderedDict()
+        self._unsettled: OrderedDict[int, bool] = OrderedDict()  # delivery tag -> done
         self._confirms: OrderedDict[int, tuple[Delivery, Forward | DeadLetter]] = OrderedDict()
         self._returned: set[str | None] = set()
         self._publish_seq = 0
@@ -341,7 +353,7 @@ class Consumer:
             method.redelivered,
             self._generation,
         )
-        self._unsettled[delivery.tag] = [_WAITING, delivery]
+        self._unsettled[delivery.tag] = False
         try:
             action = self.handler.handle(delivery)
         except Exception:  # a bug: keep the daemon up, let the broker's delivery limit decide
@@ -415,10 +427,9 @@ class Consumer:
             self._returned.clear()
 
     def _done(self, delivery: Delivery, action: Action) -> None:
-        entry = self._unsettled.get(delivery.tag)
-        if entry is None:
+        if delivery.tag not in self._unsettled:
             return
-        entry[0] = _DONE
+        self._unsettled[delivery.tag] = True
         self._on_settled(delivery, action)
         self._schedule_flush()
 
@@ -441,8 +452,8 @@ class Consumer:
         self._flush_scheduled = False
         last = None
         while self._unsettled:
-            tag, entry = next(iter(self._unsettled.items()))
-            if entry[0] != _DONE:
+            tag, done = next(iter(self._unsettled.items()))
+            if not done:
                 break
             self._unsettled.popitem(last=False)
             last = tag

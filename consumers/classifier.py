@@ -14,49 +14,15 @@ from __future__ import annotations
 
 import logging
 
-from consumers.amqp import ACK, Action, DeadLetter, Delivery, Forward
-from consumers.observe import DEAD_LETTERED, EVENTS, DecisionLog
-from consumers.policy import Decision, Policy, decide
+from consumers.amqp import ACK, Action, Delivery, Forward, dead_letter
+from consumers.observe import EVENTS, DecisionLog
+from consumers.policy import Decision, Policy, decide, to_transition
 from schemas.codes import Action as Verdict
-from schemas.events import (
-    EXIT_SCHEMA,
-    TRANSITION_SCHEMA,
-    BadMessage,
-    Cause,
-    ExitEvent,
-    Transition,
-    parse_body,
-)
+from schemas.events import EXIT_SCHEMA, BadMessage, ExitEvent, parse_body
 from schemas.topology import Names
 
 log = logging.getLogger("exitpipe.classifier")
 _ACCEPT = frozenset({EXIT_SCHEMA})
-
-
-def to_transition(event: ExitEvent, decision: Decision) -> Transition:
-    """The transition a fail or stop decision sends on; it keeps the exit event's id.
-
-    Built with ``model_construct``: every field comes from an already validated event and
-    decision, and validating them again would be the classifier's largest cost.
-    """
-    assert decision.target_status is not None
-    cause = Cause.model_construct(
-        site=event.site,
-        code=event.effective_code,
-        return_code=event.return_code,
-        reason=event.reason,
-        launcher=event.effective_launcher,
-        occurred_at=event.occurred_at,
-    )
-    return Transition.model_construct(
-        schema_=TRANSITION_SCHEMA,
-        event_id=event.event_id,
-        job_id=event.job_id,
-        action=decision.action,
-        target_status=decision.target_status,
-        cause=cause,
-        policy=decision.policy,
-    )
 
 
 class ClassifierHandler:
@@ -76,11 +42,11 @@ class ClassifierHandler:
         try:
             event = parse_body(delivery.body, _ACCEPT)
         except BadMessage as exc:
-            return self._reject(delivery, exc.reason)
+            return dead_letter("classifier", delivery, exc.reason)
         assert isinstance(event, ExitEvent)
         problem = self._sender_problem(delivery.properties.user_id, event.site)
         if problem is not None:
-            return self._reject(delivery, problem)
+            return dead_letter("classifier", delivery, problem)
         decision = decide(event, self.policy)
         if self._log.enabled:
             self._log_decision(event, decision)
@@ -107,16 +73,6 @@ class ClassifierHandler:
                 " and EXITPIPE_REQUIRE_SITE_USER is set"
             )
         return None
-
-    def _reject(self, delivery: Delivery, reason: str) -> DeadLetter:
-        log.warning(
-            "dead-letter message_id=%s reason=%s",
-            delivery.properties.message_id,
-            reason,
-            extra={"fields": {"event_id": delivery.properties.message_id, "error": reason}},
-        )
-        DEAD_LETTERED.labels("classifier").inc()
-        return DeadLetter(reason)
 
     def _log_decision(self, event: ExitEvent, decision: Decision) -> None:
         self._log.emit(

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from consumers.amqp import ACK, Action, DeadLetter, Delivery, Requeue
-from consumers.observe import DEAD_LETTERED, EVENTS, STORE_RETRIES, DecisionLog
+from consumers.amqp import ACK, Action, Delivery, Requeue, dead_letter
+from consumers.observe import EVENTS, STORE_RETRIES, DecisionLog
 from consumers.state import JobEvent
 from consumers.store import Applied, Store, StoreError, StoreUnavailable
 from schemas.events import (
@@ -106,7 +106,7 @@ class JobStateHandler:
             try:
                 event = parse_body(delivery.body, _ACCEPT)
             except BadMessage as exc:
-                settled.append((delivery, _dead_letter(delivery, exc.reason)))
+                settled.append((delivery, dead_letter("job-state", delivery, exc.reason)))
                 continue
             assert not isinstance(event, ExitEvent)  # excluded by _ACCEPT
             good.append((delivery, event))
@@ -158,17 +158,6 @@ class JobStateHandler:
         if self._fault == f"job-state:{point}":
             log.error("fault hook %s: killing the process", point)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _dead_letter(delivery: Delivery, reason: str) -> DeadLetter:
-    log.warning(
-        "dead-letter message_id=%s reason=%s",
-        delivery.properties.message_id,
-        reason,
-        extra={"fields": {"event_id": delivery.properties.message_id, "error": reason}},
-    )
-    DEAD_LETTERED.labels("job-state").inc()
-    return DeadLetter(reason)
 
 
 def _log_store_retry(state: RetryCallState) -> None:

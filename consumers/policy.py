@@ -1,7 +1,8 @@
 """The classification policy of DESIGN section 2: ordered rules, first match wins. Pure.
 
-``decide(event, policy)`` is the whole classifier rule; everything else here builds, reads or
-shows a ``Policy``. A rule matches when every condition it gives matches:
+``decide(event, policy)`` is the whole classifier rule and ``to_transition`` the message a
+fail or stop decision sends on (the daemon and replay share both); everything else here
+builds, reads or shows a ``Policy``. A rule matches when every condition it gives matches:
 
 - ``codes`` against ``event.effective_code`` (an integer outside the code table is UNKNOWN);
 - ``values`` against the raw integer: ``event.return_code``, or, when the event carries only a
@@ -26,7 +27,14 @@ from typing import Any, Literal, NoReturn, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.codes import CODE_NAMES, TARGET_STATUS, Action, Code, JobStatus, Launcher
-from schemas.events import ExitEvent, Identifier, PolicyRef
+from schemas.events import (
+    TRANSITION_SCHEMA,
+    Cause,
+    ExitEvent,
+    Identifier,
+    PolicyRef,
+    Transition,
+)
 
 DEFAULT_RULE = "default"
 MAX_NAME_CHARS = 128  # PolicyRef's limit: name, version and rule id are recorded with decisions
@@ -125,6 +133,32 @@ def decide(event: ExitEvent, policy: Policy) -> Decision:
         if rule.matches(code, value, launcher, event.site):
             return decision
     return policy._fallback
+
+
+def to_transition(event: ExitEvent, decision: Decision) -> Transition:
+    """The transition a fail or stop decision sends on; it keeps the exit event's id.
+
+    Built with ``model_construct``: every field comes from an already validated event and
+    decision, and validating them again would be the classifier's largest cost.
+    """
+    assert decision.target_status is not None
+    cause = Cause.model_construct(
+        site=event.site,
+        code=event.effective_code,
+        return_code=event.return_code,
+        reason=event.reason,
+        launcher=event.effective_launcher,
+        occurred_at=event.occurred_at,
+    )
+    return Transition.model_construct(
+        schema_=TRANSITION_SCHEMA,
+        event_id=event.event_id,
+        job_id=event.job_id,
+        action=decision.action,
+        target_status=decision.target_status,
+        cause=cause,
+        policy=decision.policy,
+    )
 
 
 # -- the built-ins ----------------------------------------------------------------------------

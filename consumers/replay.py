@@ -31,8 +31,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 from uuid import UUID
 
-from consumers.classifier import to_transition
-from consumers.policy import Decision, Policy, decide
+from consumers.policy import Decision, Policy, decide, to_transition
 from consumers.store import JobView
 from consumers.store.memory import MemoryStore
 from schemas.codes import Action, JobStatus

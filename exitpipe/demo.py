@@ -19,12 +19,13 @@ from pathlib import Path
 from consumers.policy import Policy, decide, load_policy
 from consumers.store import JobView, Store
 from consumers.store.factory import open_store
+from exitpipe.commands.producers import publisher_for
 from exitpipe.commands.table import render
-from exitpipe.runtime import Pipeline, topology_of
-from exitpipe.settings import Settings, redact
+from exitpipe.runtime import Pipeline
+from exitpipe.settings import Settings, redact, topology_of
 from producers.broker import declare_topology, delete_topology
 from producers.errors import BrokerError
-from producers.publisher import Publisher, publish_events
+from producers.publisher import publish_events
 from schemas.codes import Action, Code, JobStatus, Launcher
 from schemas.events import ExitEvent, LifecycleEvent
 from schemas.topology import Names
@@ -315,12 +316,7 @@ def run_demo(settings: Settings, keep: bool = False, timeout: float = 25.0) -> i
     try:
         pipeline.start()
         say("classifier and job-state daemons started")
-        with Publisher(
-            settings.amqp_url,
-            heartbeat=settings.heartbeat,
-            retry_seconds=settings.retry_seconds,
-            ca_file=settings.amqp_ca_file,
-        ) as publisher:
+        with publisher_for(settings) as publisher:
             first = [e for s in stories for e in s.events]
             publish_events(publisher, names, first)
             say(f"published {len(first)} events for {len(stories)} jobs; waiting for the store")

@@ -18,22 +18,12 @@ from consumers.job_state import JobStateHandler
 from consumers.observe import CONNECTED, LATENCY, RECONNECTS, serve_http
 from consumers.policy import Policy
 from consumers.store import Store
-from exitpipe.settings import Settings
+from exitpipe.settings import Settings, topology_of
 from producers.broker import TopologyMissing, declare_topology
 from producers.errors import BrokerUnreachable
-from schemas.topology import Names, Topology, topology
+from schemas.topology import Names
 
 log = logging.getLogger("exitpipe")
-
-
-def topology_of(settings: Settings) -> Topology:
-    """The namespace's topology with the configured limits and retention."""
-    return topology(
-        settings.namespace,
-        delivery_limit=settings.delivery_limit,
-        archive_max_age=settings.archive_max_age,
-        archive_max_bytes=settings.archive_max_bytes,
-    )
 
 
 def _observer(daemon: str) -> Callable[[Delivery, Action], None]:

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.errors import redact as redact  # one redaction for the whole project
+from schemas.topology import Topology, topology
 
 
 def _default_spool() -> Path:
@@ -82,3 +83,13 @@ class Settings(BaseSettings):
         if urlsplit(value).scheme not in ("amqp", "amqps"):
             raise ValueError("must start with amqp:// or amqps://")
         return value
+
+
+def topology_of(settings: Settings) -> Topology:
+    """The namespace's topology with the configured limits and retention."""
+    return topology(
+        settings.namespace,
+        delivery_limit=settings.delivery_limit,
+        archive_max_age=settings.archive_max_age,
+        archive_max_bytes=settings.archive_max_bytes,
+    )

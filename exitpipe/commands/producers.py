@@ -20,7 +20,7 @@ import pika
 from pydantic import ValidationError
 
 from exitpipe.cli import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
-from exitpipe.settings import Settings
+from exitpipe.settings import Settings, topology_of
 from producers.broker import check_topology, declare_topology
 from producers.deliver import Delivery, Status, deliver
 from producers.errors import BrokerError, TopologyMismatch, redact
@@ -38,7 +38,7 @@ from schemas.events import (
     describe,
     parse_object,
 )
-from schemas.topology import Names, Topology, topology
+from schemas.topology import Names
 
 EX_PROBLEMS = 1
 CONNECT_TIMEOUT = 5.0  # one connection attempt; never more than the whole retry budget
@@ -173,7 +173,7 @@ def _topology(args: argparse.Namespace, settings: Settings) -> int:
             print(script(grants(settings.namespace, sites), vhost, ctl), end="")
             return EX_OK
     _quiet_pika()
-    topo = _topology_of(settings)
+    topo = topology_of(settings)
     url, retry, ca_file = settings.amqp_url, settings.retry_seconds, settings.amqp_ca_file
     try:
         if args.check:
@@ -217,15 +217,6 @@ def _users(ns: str, sites: list[str], vhost: str, ctl: list[str]) -> int:
     if any(a.password is not None for a in applied):
         print("the generated passwords are shown this once and kept nowhere: store them now")
     return EX_OK
-
-
-def _topology_of(settings: Settings) -> Topology:
-    return topology(
-        settings.namespace,
-        delivery_limit=settings.delivery_limit,
-        archive_max_age=settings.archive_max_age,
-        archive_max_bytes=settings.archive_max_bytes,
-    )
 
 
 def _print_problems(problems: list[str]) -> int:
@@ -273,7 +264,7 @@ def _publish(command: str, event: Event | BadMessage, settings: Settings) -> int
         return _fail(command, problem, EX_USAGE)
     _quiet_pika()
     try:
-        publisher = _publisher(settings)
+        publisher = publisher_for(settings)
     except BrokerError as exc:
         return _fail(command, exc, EX_USAGE)
     with publisher:
@@ -293,7 +284,7 @@ def _launch(args: argparse.Namespace, settings: Settings) -> int:
         event = exit_event(args.job, args.site, launcher, WorkerExit(0), args.reason)
         if problem := _not_permitted(event, settings):  # before the worker is started
             return _fail("launch", problem, EX_USAGE)
-        publisher = _publisher(settings)
+        publisher = publisher_for(settings)
     except ValueError as exc:
         choices = ", ".join(item.value for item in Launcher)
         text = describe(exc) if isinstance(exc, ValidationError) else f"launcher: one of {choices}"
@@ -356,7 +347,7 @@ def _spool_list(args: argparse.Namespace, settings: Settings) -> int:
 def _spool_flush(args: argparse.Namespace, settings: Settings) -> int:
     _quiet_pika()
     try:
-        publisher = _publisher(settings)
+        publisher = publisher_for(settings)
     except BrokerError as exc:
         return _fail("spool flush", exc, EX_USAGE)
     with publisher:
@@ -367,7 +358,8 @@ def _spool_flush(args: argparse.Namespace, settings: Settings) -> int:
     return EX_TEMPFAIL if delivery.waiting else EX_OK
 
 
-def _publisher(settings: Settings) -> Publisher:
+def publisher_for(settings: Settings) -> Publisher:
+    """A publisher configured from the settings (broker, heartbeat, retry budget, TLS)."""
     return Publisher(
         settings.amqp_url,
         heartbeat=settings.heartbeat,

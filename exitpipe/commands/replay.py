@@ -35,10 +35,11 @@ from consumers.replay import (
     parse_lines,
 )
 from exitpipe.commands.archive import WINDOW_HELP, add_window, broker_status, open_archive, window
+from exitpipe.commands.producers import publisher_for
 from exitpipe.commands.table import render
 from exitpipe.settings import Settings, redact
 from producers.errors import BrokerError
-from producers.publisher import Publisher, outgoing, problem
+from producers.publisher import outgoing, problem
 from schemas.events import Event, ExitEvent, LifecycleEvent, Transition
 from schemas.topology import Names
 
@@ -425,12 +426,7 @@ def _republish(args: argparse.Namespace, settings: Settings, events: list[Any]) 
         return EX_OK
     messages = [outgoing(names, event) for event in events]
     try:
-        with Publisher(
-            settings.amqp_url,
-            heartbeat=settings.heartbeat,
-            retry_seconds=settings.retry_seconds,
-            ca_file=settings.amqp_ca_file,
-        ) as publisher:
+        with publisher_for(settings) as publisher:
             outcomes = publisher.publish(messages)
     except BrokerError as exc:
         print(f"exitpipe replay: republish: {exc}", file=sys.stderr)

@@ -31,8 +31,7 @@ from typing import Any
 import pika
 import psycopg
 
-from consumers.classifier import to_transition
-from consumers.policy import decide, load_policy
+from consumers.policy import decide, load_policy, to_transition
 from consumers.state import Outcome as RowOutcome
 from consumers.store.factory import open_store
 from consumers.store.memory import MemoryStore

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exitpipe.export_schemas import JSON_DIR, render
 from schemas.codes import Code, JobStatus, Launcher
 from schemas.events import (
     EXIT_SCHEMA,
@@ -26,7 +27,6 @@ from schemas.events import (
     parse_body,
     parse_object,
 )
-from schemas.export import JSON_DIR, render
 
 EVENT_ID = "9f4d7f16-8f56-4efa-b214-5f6bf4bedcaa"
 WHEN = "2026-01-31T12:00:00Z"
@@ -401,7 +401,7 @@ def test_any_uuid_round_trips(event_id: uuid.UUID) -> None:
 @pytest.mark.parametrize("name", sorted(json_schemas()))
 def test_exported_schema_matches_the_model(name: str) -> None:
     exported = (JSON_DIR / name).read_text(encoding="utf-8")
-    assert exported == render(json_schemas()[name]), "run: python -m schemas.export"
+    assert exported == render(json_schemas()[name]), "run: python -m exitpipe.export_schemas"
 
 
 def test_no_stray_schema_files() -> None:

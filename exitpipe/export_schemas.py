@@ -1,4 +1,7 @@
-"""Write the models' JSON Schema to ``schemas/json`` (``python -m schemas.export``)."""
+"""Write the models' JSON Schema to ``schemas/json`` (``python -m exitpipe.export_schemas``).
+
+Here, not in ``schemas/``, because it writes files: the contract package does no I/O.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 from schemas.events import json_schemas
 
-JSON_DIR = Path(__file__).with_name("json")
+JSON_DIR = Path(__file__).resolve().parents[1] / "schemas" / "json"
 
 
 def render(schema: dict[str, object]) -> str:

@@ -31,9 +31,9 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from consumers.observe import DEAD_LETTERED
+from consumers.observe import DEAD_LETTERED, LOOP_ERRORS
 from producers.publisher import connection_parameters
-from schemas.topology import ERROR_HEADER, SOURCE_HEADER
+from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,14 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Bad input: republish the original to the dead-letter exchange with the reason, then ack."""
+    """Bad input: republish the original to the dead-letter exchange with the reason, then ack.
+
+    ``sender`` is who the handler found had sent it (``consumers.senders``), kept in the dead
+    letter so that ``dead requeue`` can send it back as that sender's.
+    """
 
     reason: str
+    sender: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +87,9 @@ Action = Ack | Forward | DeadLetter | Requeue
 ACK = Ack()
 
 
-def dead_letter(daemon: str, delivery: Delivery, reason: str) -> DeadLetter:
+def dead_letter(
+    daemon: str, delivery: Delivery, reason: str, sender: str | None = None
+) -> DeadLetter:
     """The action for bad input, logged with its reason and counted."""
     log.warning(
         "%s: dead-letter message_id=%s reason=%s",
@@ -92,7 +99,7 @@ def dead_letter(daemon: str, delivery: Delivery, reason: str) -> DeadLetter:
         extra={"fields": {"event_id": delivery.properties.message_id, "error": reason}},
     )
     DEAD_LETTERED.labels(daemon).inc()
-    return DeadLetter(reason)
+    return DeadLetter(reason, sender)
 
 
 class Handler(Protocol):
@@ -143,6 +150,7 @@ class Consumer:
         self._generation = 0
         self._consuming = False
         self._stopping = False  # declared here for the type checker; reset per channel
+        self._user_id: str | None = None
         self._reset_channel_state()
 
     # -- public, any thread --------------------------------------------------------------
@@ -200,6 +208,8 @@ class Consumer:
             self.config.url, heartbeat=self.config.heartbeat, ca_file=self.config.ca_file
         )
         params.blocked_connection_timeout = max(30, 3 * self.config.heartbeat)
+        # The login, which the broker checks a dead letter's user_id against.
+        self._user_id = getattr(params.credentials, "username", None) or None
         self._ever_consumed = False
         self._connection = SelectConnection(
             params,
@@ -208,13 +218,35 @@ class Consumer:
             on_close_callback=self._on_connection_closed,
         )
         try:
-            self._connection.ioloop.start()
+            self._loop(self._connection)
         finally:
             self._consuming = False
             self._connection = None
             self._channel = None
         if not self._ever_consumed and not self._stop_requested.is_set():
             raise ConnectionLost(f"{self.config.name}: could not start consuming")
+
+    def _loop(self, conn: SelectConnection) -> None:
+        """Run the I/O loop until the connection closes, surviving anything raised in it.
+
+        An exception that escapes a callback (a bug, or pika refusing an operation on a channel
+        the broker has just closed) would end the loop with the connection half open and the
+        deliveries in hand unsettled. It is logged and counted, the connection is torn down
+        (the broker redelivers what was unsettled), and ``run`` connects again.
+        """
+        while True:
+            try:
+                conn.ioloop.start()
+                return
+            except Exception as exc:
+                log.exception("%s: error in the I/O loop; reconnecting", self.config.name)
+                LOOP_ERRORS.labels(self.config.name).inc()
+                self._consuming = False
+                if conn.is_closed:
+                    return
+                # Closes the socket and runs the close callbacks, which stop the loop; the
+                # next turn of this loop lets that happen.
+                conn._terminate_stream(ConnectionLost(f"error in the I/O loop: {exc!r}"))
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -376,7 +408,13 @@ class Consumer:
         else:
             self._publish(delivery, action)
 
+    def _channel_open(self) -> bool:
+        channel = self._channel
+        return channel is not None and channel.is_open
+
     def _publish(self, delivery: Delivery, action: Forward | DeadLetter) -> None:
+        if not self._channel_open():
+            return  # the broker redelivers it on the next channel
         assert self._channel is not None
         if isinstance(action, Forward):
             exchange, key, body = action.exchange, action.routing_key, action.body
@@ -388,8 +426,19 @@ class Consumer:
             )
         else:
             exchange, key, body = self.config.dead_exchange, delivery.routing_key, delivery.body
-            props = _dead_letter_properties(delivery, action.reason, self.config.queue)
-        self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+            props = _dead_letter_properties(delivery, action, self.config.queue, self._user_id)
+        try:
+            self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+        except (TypeError, ValueError, UnicodeError):
+            if isinstance(action, Forward):
+                raise
+            # The original headers do not encode again (pika reads more than it writes):
+            # the dead letter keeps only exitpipe's own headers, so it is still never lost.
+            log.warning("%s: dead letter without its original headers", self.config.name)
+            props = _dead_letter_properties(
+                delivery, action, self.config.queue, self._user_id, keep=False
+            )
+            self._channel.basic_publish(exchange, key, body, props, mandatory=True)
         self._publish_seq += 1
         self._confirms[self._publish_seq] = (delivery, action)
 
@@ -434,8 +483,9 @@ class Consumer:
         self._schedule_flush()
 
     def _requeue(self, delivery: Delivery) -> None:
-        if self._unsettled.pop(delivery.tag, None) is None or self._channel is None:
-            return
+        if self._unsettled.pop(delivery.tag, None) is None or not self._channel_open():
+            return  # a closed channel gives every unsettled delivery back by itself
+        assert self._channel is not None
         self._channel.basic_nack(delivery.tag, multiple=False, requeue=True)
         self._on_settled(delivery, Requeue())
         self._schedule_flush()
@@ -463,30 +513,45 @@ class Consumer:
         self._maybe_close()
 
 
-def _dead_letter_properties(delivery: Delivery, reason: str, source: str) -> BasicProperties:
-    """The original properties plus the reason and source headers (DESIGN 3)."""
+def _dead_letter_properties(
+    delivery: Delivery,
+    action: DeadLetter,
+    source: str,
+    user_id: str | None,
+    *,
+    keep: bool = True,
+) -> BasicProperties:
+    """The original properties plus the reason, source and sender headers (DESIGN 3).
+
+    A dead letter stays until an operator acts (DESIGN 3), so the original ``expiration`` is
+    left out. ``user_id`` cannot be kept (the broker checks it against the daemon's own login):
+    the dead letter carries the daemon's own, and the sender the handler found goes into a
+    header, which ``consumers.senders.dead_letter_sender`` believes from a daemon's user.
+    """
     p = delivery.properties
-    headers = dict(p.headers or {})
-    headers[ERROR_HEADER] = reason[:4096]
+    headers = dict(p.headers or {}) if keep else {}
+    headers[ERROR_HEADER] = _header_text(action.reason)
     headers[SOURCE_HEADER] = source
-    if p.user_id:
-        headers["x-exitpipe-user-id"] = p.user_id
+    headers[SENDER_HEADER] = action.sender or ""
     return BasicProperties(
-        content_type=p.content_type,
-        content_encoding=p.content_encoding,
+        content_type=p.content_type if keep else None,
+        content_encoding=p.content_encoding if keep else None,
         headers=headers,
         delivery_mode=_PERSISTENT,
         priority=p.priority,
-        correlation_id=p.correlation_id,
-        reply_to=p.reply_to,
-        expiration=p.expiration,
+        correlation_id=p.correlation_id if keep else None,
+        reply_to=p.reply_to if keep else None,
         message_id=p.message_id,
         timestamp=p.timestamp,
-        type=p.type,
-        app_id=p.app_id,
-        # user_id moves to a header: the broker checks user_id against the publishing user,
-        # and the daemon is not the launcher that sent it.
+        type=p.type if keep else None,
+        app_id=p.app_id if keep else None,
+        user_id=user_id,
     )
+
+
+def _header_text(reason: str) -> str:
+    """At most 4,096 characters of valid UTF-8, whatever the reason quotes."""
+    return reason[:4096].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _up_to(confirms: OrderedDict[int, Any], last: int) -> list[int]:

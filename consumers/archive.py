@@ -46,7 +46,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,6 +114,8 @@ class Archived:
     timestamp: int | None
     routing_key: str
     body: bytes
+    user_id: str | None = None
+    headers: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,9 @@ class Archive:
                 if bounds.past(offset, stamp):
                     return
                 if bounds.wanted(offset, stamp):
-                    yield Archived(offset, stamp, method.routing_key, body)
+                    yield Archived(
+                        offset, stamp, method.routing_key, body, props.user_id, props.headers
+                    )
                 if offset == bounds.end:
                     return
             log.warning(

@@ -3,11 +3,10 @@
 It does not deduplicate: a repeated exit event gives a repeated transition with the same
 event id, and the store makes the second one a no-op.
 
-It attributes each exit to its authenticated sender. A launcher publishes under its site's
-broker user ``<ns>-site-<site>`` and sets ``user_id``, which the broker checks against the
-login; an event whose ``site`` is not that user's site is dead-lettered, so site A cannot
-fail a job as site B. With ``require_site_user``, an exit event published without a site
-user (no ``user_id``, or another user) is dead-lettered too.
+It attributes each exit to its sender (``consumers.senders``): the routing key must agree
+with the body's ``site``, and a site's authenticated user must be that site's, so site A
+cannot fail a job as site B. With ``require_site_user``, an exit event published without a
+site user (no ``user_id``, or another user) is dead-lettered too.
 """
 
 from __future__ import annotations
@@ -17,12 +16,13 @@ import logging
 from consumers.amqp import ACK, Action, Delivery, Forward, dead_letter
 from consumers.observe import EVENTS, DecisionLog
 from consumers.policy import Decision, Policy, decide, to_transition
+from consumers.senders import exit_problem, sender_of
 from schemas.codes import Action as Verdict
-from schemas.events import EXIT_SCHEMA, BadMessage, ExitEvent, parse_body
+from schemas.events import EXIT_SCHEMA, EXIT_SCHEMA_V1, BadMessage, ExitEvent, parse_body
 from schemas.topology import Names
 
 log = logging.getLogger("exitpipe.classifier")
-_ACCEPT = frozenset({EXIT_SCHEMA})
+_ACCEPT = frozenset({EXIT_SCHEMA, EXIT_SCHEMA_V1})
 
 
 class ClassifierHandler:
@@ -32,21 +32,24 @@ class ClassifierHandler:
         self.policy = policy
         self.names = names
         self.require_site_user = require_site_user
-        self._site_prefix = f"{names.ns}-site-"  # producers.users.site_user
         self._log = DecisionLog("exitpipe.classifier")
         self._counted = {a: EVENTS.labels("classifier", a.value, "") for a in Verdict}
         self._keys = {a: f"transition.{a.value}" for a in Verdict}
 
     def handle(self, delivery: Delivery) -> Action:
         """The action for one delivery of ``<ns>.classify``."""
+        props = delivery.properties
+        sender = sender_of(self.names, props.user_id, props.headers)
         try:
             event = parse_body(delivery.body, _ACCEPT)
         except BadMessage as exc:
-            return dead_letter("classifier", delivery, exc.reason)
+            return dead_letter("classifier", delivery, exc.reason, sender)
         assert isinstance(event, ExitEvent)
-        problem = self._sender_problem(delivery.properties.user_id, event.site)
+        problem = exit_problem(
+            self.names, delivery.routing_key, event, sender, self.require_site_user
+        )
         if problem is not None:
-            return dead_letter("classifier", delivery, problem)
+            return dead_letter("classifier", delivery, problem, sender)
         decision = decide(event, self.policy)
         if self._log.enabled:
             self._log_decision(event, decision)
@@ -56,23 +59,6 @@ class ClassifierHandler:
         event_id = str(event.event_id)
         body = to_transition(event, decision).to_json()
         return Forward(self.names.jobs, self._keys[decision.action], body, event_id)
-
-    def _sender_problem(self, user_id: str | None, site: str) -> str | None:
-        """Why this sender may not report for ``site``; None when it may (one str check)."""
-        if user_id is not None and user_id.startswith(self._site_prefix):
-            sender = user_id[len(self._site_prefix) :]
-            if sender != site:
-                return (
-                    f"site: event names {site!r} but the sender is authenticated as site {sender!r}"
-                )
-            return None
-        if self.require_site_user:
-            who = f"user {user_id!r}" if user_id else "no user_id"
-            return (
-                f"site: the sender ({who}) is not a site user {self._site_prefix}<site>,"
-                " and EXITPIPE_REQUIRE_SITE_USER is set"
-            )
-        return None
 
     def _log_decision(self, event: ExitEvent, decision: Decision) -> None:
         self._log.emit(

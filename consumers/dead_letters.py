@@ -11,7 +11,10 @@ dead-letter queue has no delivery limit, so giving back never dead-letters anyth
 ``requeue`` sends a message back to where it came from (the exchange that feeds its source
 queue, with its original routing key), waits for the broker's confirm, and only then acks the
 dead letter: a crash in between leaves a copy in both places, which is safe because the
-store ignores an event id it has already applied.
+store ignores an event id it has already applied. The message goes back as its original
+sender's: published under the operator's own ``user_id`` with that sender in
+``x-exitpipe-sender``, which the consumers believe from an operator and from nobody else
+(``consumers.senders``), so a requeued message is judged exactly as its first delivery was.
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ import pika
 import pika.exceptions
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from consumers.senders import dead_letter_sender
 from producers.errors import BrokerError, BrokerUnreachable, redact
 from producers.publisher import LOGIN_REFUSED, connection_parameters, describe
-from schemas.topology import ERROR_HEADER, SOURCE_HEADER, Names
+from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER, Names
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PREVIEW_CHARS = 60
 # Headers that describe one stay in the dead-letter queue, not the message: dropped on requeue
 # so that a new failure records a new reason. x-death stays: it counts deaths across requeues.
-_DROPPED_ON_REQUEUE = (ERROR_HEADER, SOURCE_HEADER, "x-delivery-count")
+_DROPPED_ON_REQUEUE = (ERROR_HEADER, SOURCE_HEADER, SENDER_HEADER, "x-delivery-count")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class DeadMessage:
     routing_key: str
     body: bytes
     properties: Any
+    sender: str | None = None
 
     def preview(self, chars: int = PREVIEW_CHARS) -> str:
         """The start of the body as printable text."""
@@ -66,12 +71,13 @@ class DeadMessage:
             "source": self.source,
             "count": self.count,
             "routing_key": self.routing_key,
+            "sender": self.sender,
             "preview": self.preview(),
         }
 
 
-def dead_message(tag: int, routing_key: str, props: Any, body: bytes) -> DeadMessage:
-    """A delivery from the dead-letter queue, its reason, source and death count read."""
+def dead_message(names: Names, tag: int, routing_key: str, props: Any, body: bytes) -> DeadMessage:
+    """A delivery from the dead-letter queue, its reason, source, sender and deaths read."""
     headers: Mapping[str, Any] = props.headers or {}
     deaths = [d for d in headers.get("x-death") or () if isinstance(d, Mapping)]
     first = deaths[0] if deaths else {}
@@ -85,6 +91,7 @@ def dead_message(tag: int, routing_key: str, props: Any, body: bytes) -> DeadMes
         routing_key=_text(keys[0]),
         body=body,
         properties=props,
+        sender=dead_letter_sender(names, props.user_id, headers),
     )
 
 
@@ -121,10 +128,12 @@ class DeadLetters:
         self.retry_seconds = retry_seconds
         self._params = connection_parameters(url, ca_file=ca_file)
         self._params.client_properties = {"connection_name": "exitpipe-dead-letters"}
+        # The operator's login: requeued messages carry it as user_id (the broker checks it).
+        self._user_id = getattr(self._params.credentials, "username", None) or None
 
     def browse(self) -> list[DeadMessage]:
         """Every dead letter, left in the queue."""
-        return self._session(lambda conn: list(_borrowed(conn, self.names.dead_letters)))
+        return self._session(lambda conn: list(_borrowed(conn, self.names)))
 
     def requeue(self, wanted: Callable[[DeadMessage], bool]) -> list[tuple[DeadMessage, str]]:
         """Send each wanted message back to its source, then ack it; what became of each."""
@@ -147,7 +156,7 @@ class DeadLetters:
         publisher = conn.channel()
         publisher.confirm_delivery()
         results = []
-        with _borrowing(conn, self.names.dead_letters) as (channel, messages):
+        with _borrowing(conn, self.names) as (channel, messages):
             for message in messages:
                 if not wanted(message):
                     continue
@@ -155,7 +164,7 @@ class DeadLetters:
                 if route is None:
                     results.append((message, f"left: unknown source queue {message.source!r}"))
                     continue
-                _publish_back(publisher, route, message)
+                _publish_back(publisher, route, message, self._user_id)
                 channel.basic_ack(message.tag)
                 results.append((message, f"requeued to {route[0]} with key {route[1]}"))
         return results
@@ -192,35 +201,39 @@ class DeadLetters:
 
 
 @contextmanager
-def _borrowing(conn: Any, queue: str) -> Iterator[tuple[Any, Iterator[DeadMessage]]]:
+def _borrowing(conn: Any, names: Names) -> Iterator[tuple[Any, Iterator[DeadMessage]]]:
     """Get messages without acking; whatever is not acked goes back at the end."""
     channel = conn.channel()
+    queue = names.dead_letters
     try:
-        yield channel, _gets(channel, queue, _count(conn, queue))
+        yield channel, _gets(channel, names, _count(conn, queue))
     finally:
         if channel.is_open:
             channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
             channel.close()
 
 
-def _borrowed(conn: Any, queue: str) -> Iterator[DeadMessage]:
-    with _borrowing(conn, queue) as (_channel, messages):
+def _borrowed(conn: Any, names: Names) -> Iterator[DeadMessage]:
+    with _borrowing(conn, names) as (_channel, messages):
         yield from list(messages)
 
 
-def _gets(channel: Any, queue: str, limit: int) -> Iterator[DeadMessage]:
+def _gets(channel: Any, names: Names, limit: int) -> Iterator[DeadMessage]:
     # basic.get never hands out a message this channel holds unacked; the limit (the count
     # when we began) keeps a requeued message that dies again at once from coming round.
     for _ in range(limit):
-        method, props, body = channel.basic_get(queue, auto_ack=False)
+        method, props, body = channel.basic_get(names.dead_letters, auto_ack=False)
         if method is None:
             return
-        yield dead_message(method.delivery_tag, method.routing_key, props, body)
+        yield dead_message(names, method.delivery_tag, method.routing_key, props, body)
 
 
-def _publish_back(channel: Any, route: tuple[str, str], message: DeadMessage) -> None:
+def _publish_back(
+    channel: Any, route: tuple[str, str], message: DeadMessage, user_id: str | None
+) -> None:
     props = message.properties
     headers = {k: v for k, v in (props.headers or {}).items() if k not in _DROPPED_ON_REQUEUE}
+    headers[SENDER_HEADER] = message.sender or ""  # "": sent by nobody authenticated
     channel.basic_publish(
         route[0],
         route[1],
@@ -228,8 +241,9 @@ def _publish_back(channel: Any, route: tuple[str, str], message: DeadMessage) ->
         pika.BasicProperties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
-            headers=headers or None,
+            headers=headers,
             delivery_mode=2,
+            user_id=user_id,
             message_id=props.message_id,
             timestamp=props.timestamp,
             type=props.type,

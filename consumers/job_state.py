@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from consumers.amqp import ACK, Action, Delivery, Requeue, dead_letter
-from consumers.observe import EVENTS, STORE_RETRIES, DecisionLog
+from consumers.observe import EVENTS, LOOP_ERRORS, STORE_RETRIES, DecisionLog
+from consumers.senders import job_event_problem, sender_of
 from consumers.state import JobEvent
 from consumers.store import Applied, Store, StoreError, StoreUnavailable
 from schemas.events import (
@@ -29,6 +30,7 @@ from schemas.events import (
     ExitEvent,
     parse_body,
 )
+from schemas.topology import Names
 
 log = logging.getLogger("exitpipe.job_state")
 _ACCEPT = frozenset({TRANSITION_SCHEMA, LIFECYCLE_SCHEMA})
@@ -44,8 +46,16 @@ def _fault_point() -> str | None:
 class JobStateHandler:
     """Queues deliveries for the worker thread, which applies them and settles them."""
 
-    def __init__(self, store: Store, *, batch_size: int = 200, batch_wait: float = 0.002) -> None:
+    def __init__(
+        self,
+        store: Store,
+        names: Names,
+        *,
+        batch_size: int = 200,
+        batch_wait: float = 0.002,
+    ) -> None:
         self.store = store
+        self.names = names
         self.batch_size = batch_size
         self.batch_wait = batch_wait
         self._queue: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
@@ -54,11 +64,20 @@ class JobStateHandler:
         self._fault = _fault_point()
         self._decisions = DecisionLog("exitpipe.job_state")
         self._thread = threading.Thread(target=self._work, name="job-state-worker", daemon=True)
+        self.store_down = False  # true while a store outage is being retried
+        self.failure: BaseException | None = None  # why the worker thread ended, if it did
 
     def start(self, settle: Settle) -> None:
         """Start the worker; ``settle`` hands results back to the consumer adapter."""
         self._settle = settle
         self._thread.start()
+
+    @property
+    def problems(self) -> list[str]:
+        """What is not working, for ``/healthz``; empty when the worker is applying."""
+        if not self._thread.is_alive() and self.failure is not None:
+            return [f"job-state worker stopped: {self.failure!r}"]
+        return ["job-state store unavailable"] if self.store_down else []
 
     def handle(self, delivery: Delivery) -> None:
         """Queue one delivery; it is settled after its batch commits."""
@@ -75,12 +94,26 @@ class JobStateHandler:
     # -- worker thread ----------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            batch, more = self._next_batch()
-            if batch:
-                self._settle(self.process(batch))
-            if not more:
-                return
+        try:
+            while True:
+                batch, more = self._next_batch()
+                if batch:
+                    self._settle(self._process_safely(batch))
+                if not more:
+                    return
+        except BaseException as exc:  # noticed: /healthz turns 503 and the daemon exits 70
+            self.failure = exc
+            log.critical("job-state worker stopped", exc_info=True)
+
+    def _process_safely(self, batch: Sequence[Delivery]) -> list[tuple[Delivery, Action]]:
+        try:
+            return self.process(batch)
+        except Exception:
+            # A bug, not bad input (that is dead-lettered) nor an outage (that is retried):
+            # keep applying, and let the broker's delivery limit decide about these.
+            log.exception("batch of %d could not be processed; requeued", len(batch))
+            LOOP_ERRORS.labels("job-state").inc()
+            return [(d, Requeue()) for d in batch]
 
     def _next_batch(self) -> tuple[list[Delivery], bool]:
         first = self._queue.get()
@@ -103,12 +136,18 @@ class JobStateHandler:
         settled: list[tuple[Delivery, Action]] = []
         good: list[tuple[Delivery, JobEvent]] = []
         for delivery in batch:
+            props = delivery.properties
+            sender = sender_of(self.names, props.user_id, props.headers)
             try:
                 event = parse_body(delivery.body, _ACCEPT)
             except BadMessage as exc:
-                settled.append((delivery, dead_letter("job-state", delivery, exc.reason)))
+                settled.append((delivery, dead_letter("job-state", delivery, exc.reason, sender)))
                 continue
             assert not isinstance(event, ExitEvent)  # excluded by _ACCEPT
+            problem = job_event_problem(self.names, delivery.routing_key, event, sender)
+            if problem is not None:
+                settled.append((delivery, dead_letter("job-state", delivery, problem, sender)))
+                continue
             good.append((delivery, event))
         if good:
             settled.extend(self._apply(good))
@@ -142,10 +181,16 @@ class JobStateHandler:
             retry=retry_if_exception_type(StoreUnavailable),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=lambda _state: self._abandon.is_set(),
-            before_sleep=_log_store_retry,
+            before_sleep=self._store_retry,
             reraise=True,
         )
-        return retrying(self.store.apply_batch, events)
+        results = retrying(self.store.apply_batch, events)
+        self.store_down = False
+        return results
+
+    def _store_retry(self, state: RetryCallState) -> None:
+        self.store_down = True
+        _log_store_retry(state)
 
     def _maybe_poison(self, events: list[JobEvent]) -> None:
         # Fault hook ``job-state:poison:<event_id>``: that event always fails to apply.

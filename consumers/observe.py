@@ -2,7 +2,8 @@
 
 One structured line per decision: text for people, JSON (``--log-format json``) for machines.
 Metrics use prometheus-client's default registry; ``/healthz`` answers 503 while any
-consumer's broker connection is down.
+part of a daemon is not working (a
+consumer not consuming, a worker thread gone, the store unreachable).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ LATENCY = Histogram(
 )
 RECONNECTS = Counter("exitpipe_reconnects_total", "Broker reconnections.", ["daemon"])
 CONNECTED = Gauge("exitpipe_broker_connected", "1 while consuming from the broker.", ["daemon"])
+LOOP_ERRORS = Counter(
+    "exitpipe_loop_errors_total",
+    "Exceptions caught in a daemon's I/O loop or worker; each one reconnects or is requeued.",
+    ["daemon"],
+)
 STORE_RETRIES = Counter(
     "exitpipe_store_retries_total", "Store transactions retried after an outage.", ["daemon"]
 )
@@ -74,16 +80,20 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
-def serve_http(port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` on ``port`` from a daemon thread."""
+def serve_http(port: int, problems: Callable[[], list[str]]) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``port`` from a daemon thread.
+
+    ``problems`` lists what is not working; ``/healthz`` answers 200 only when it is empty.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                ok = healthy()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"broker down\n")
+                found = problems()
+                text = "".join(f"{p}\n" for p in found) or "ok\n"
+                self._reply(503 if found else 200, text.encode())
             else:
                 self._reply(404, b"not found\n")
 

@@ -9,7 +9,11 @@ builds, reads or shows a ``Policy``. A rule matches when every condition it give
   code name, that code's own FLARE integer (section 2a: one integer never means two things).
   So ``{code=X}``, ``{return_code=int(X)}`` and both together are decided alike, and a
   ``NotIn [0]`` rule never catches a SUCCESS reported by name alone;
-- ``launchers`` against ``event.effective_launcher``; ``sites`` against ``event.site``.
+- ``launchers`` against ``event.effective_launcher``; ``sites`` against ``event.site``;
+- ``stages`` against ``event.stage`` (an exit without a stage never matches a ``stages`` rule).
+
+A fail or stop rule may name the ``status`` it leads to (any FINISHED:* but COMPLETED); without
+it, fail leads to FINISHED:EXECUTION_EXCEPTION and stop to FINISHED:ABORTED.
 
 Decisions are built once per policy (``Policy.__post_init__``), so ``decide`` allocates nothing.
 The only I/O is ``load_policy``, which reads a file and hands its text to ``parse_policy``.
@@ -26,7 +30,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.codes import CODE_NAMES, TARGET_STATUS, Action, Code, JobStatus, Launcher
+from schemas.codes import CODE_NAMES, TARGET_STATUS, Action, Code, JobStatus, Launcher, Stage
 from schemas.events import (
     TRANSITION_SCHEMA,
     Cause,
@@ -44,7 +48,7 @@ T = TypeVar("T")
 Operator = Literal["In", "NotIn"]
 OPERATORS: tuple[Operator, ...] = ("In", "NotIn")
 TOP_KEYS = ("name", "version", "default", "rules")
-RULE_KEYS = ("id", "action", "codes", "values", "launchers", "sites")
+RULE_KEYS = ("id", "action", "codes", "values", "launchers", "sites", "stages", "status")
 VALUES_KEYS = ("operator", "values")
 
 
@@ -77,15 +81,30 @@ class Rule:
     values: ValueMatch | None = None
     launchers: frozenset[Launcher] | None = None
     sites: frozenset[str] | None = None
+    stages: frozenset[Stage] | None = None
+    status: JobStatus | None = None  # where fail or stop leads; None: the action's default
 
-    def matches(self, code: Code, value: int, launcher: Launcher, site: str) -> bool:
+    def matches(self, event: ExitEvent, code: Code, value: int) -> bool:
         """True when every condition this rule gives holds for the exit."""
         return (
             (self.codes is None or code in self.codes)
             and (self.values is None or self.values.matches(value))
-            and (self.launchers is None or launcher in self.launchers)
-            and (self.sites is None or site in self.sites)
+            and (self.launchers is None or event.effective_launcher in self.launchers)
+            and (self.sites is None or event.site in self.sites)
+            and (self.stages is None or event.stage in self.stages)
         )
+
+    @property
+    def target_status(self) -> JobStatus | None:
+        """The status this rule's fail or stop leads to; None for ignore."""
+        return target_status(self.action, self.status)
+
+
+def target_status(action: Action, status: JobStatus | None) -> JobStatus | None:
+    """Where ``action`` leads: ``status`` when given, else the action's default; None: ignore."""
+    if action is Action.IGNORE:
+        return None
+    return status or TARGET_STATUS[action]
 
 
 @dataclass(frozen=True)
@@ -94,11 +113,7 @@ class Decision:
 
     action: Action
     policy: PolicyRef
-
-    @property
-    def target_status(self) -> JobStatus | None:
-        """The status a fail or stop moves the job to; None for ignore."""
-        return TARGET_STATUS.get(self.action)
+    target_status: JobStatus | None = None  # where a fail or stop moves the job; None: ignore
 
 
 @dataclass(frozen=True)
@@ -116,21 +131,23 @@ class Policy:
     _fallback: Decision = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        matchers = tuple((rule, self._decision(rule.action, rule.id)) for rule in self.rules)
+        matchers = tuple(
+            (rule, self._decision(rule.action, rule.id, rule.status)) for rule in self.rules
+        )
         object.__setattr__(self, "_matchers", matchers)
-        object.__setattr__(self, "_fallback", self._decision(self.default, DEFAULT_RULE))
+        object.__setattr__(self, "_fallback", self._decision(self.default, DEFAULT_RULE, None))
 
-    def _decision(self, action: Action, rule: str) -> Decision:
-        return Decision(action, PolicyRef(name=self.name, version=self.version, rule=rule))
+    def _decision(self, action: Action, rule: str, status: JobStatus | None) -> Decision:
+        ref = PolicyRef(name=self.name, version=self.version, rule=rule)
+        return Decision(action, ref, target_status(action, status))
 
 
 def decide(event: ExitEvent, policy: Policy) -> Decision:
     """The decision of the first rule that matches ``event``, else the policy's default."""
     code = event.effective_code
     value = int(code) if event.return_code is None else event.return_code
-    launcher = event.effective_launcher
     for rule, decision in policy._matchers:
-        if rule.matches(code, value, launcher, event.site):
+        if rule.matches(event, code, value):
             return decision
     return policy._fallback
 
@@ -178,10 +195,46 @@ def _builtin(name: str, fail_codes: Iterable[Code]) -> Policy:
     )
 
 
+_NOT_ZERO = ValueMatch("NotIn", frozenset({0}))
+# What FLARE 2.9.0 itself does (DESIGN 2): its launcher turns every exit but 0 and 9 into 1,
+# and the job then fails by the worker's stage alone (104 while starting, 101 once started).
+NVFLARE_29 = Policy(
+    name="nvflare-2.9",
+    version="1",
+    default=Action.IGNORE,
+    rules=(
+        Rule("stop-on-abort", Action.STOP, codes=frozenset({Code.ABORTED})),
+        Rule(
+            "failed-while-starting",
+            Action.FAIL,
+            values=_NOT_ZERO,
+            stages=frozenset({Stage.STARTING}),
+            status=JobStatus.FINISHED_ABNORMAL,
+        ),
+        Rule(
+            "failed-while-running",
+            Action.FAIL,
+            values=_NOT_ZERO,
+            stages=frozenset({Stage.STARTED}),
+            status=JobStatus.FINISHED_EXECUTION_EXCEPTION,
+        ),
+        Rule(
+            "fail-on-exception", Action.FAIL, codes=frozenset({Code.EXCEPTION, Code.CONFIG_ERROR})
+        ),
+        Rule(
+            "infrastructure",
+            Action.FAIL,
+            codes=frozenset({Code.INFRASTRUCTURE_ERROR}),
+            status=JobStatus.FINISHED_ABNORMAL,
+        ),
+        Rule("stop-on-unsafe", Action.STOP, codes=frozenset({Code.UNSAFE_COMPONENT})),
+    ),
+)
 _NARROW_FAIL = (Code.EXCEPTION, Code.CONFIG_ERROR)
 BUILTINS: dict[str, Policy] = {
     "nvflare-2.8": _builtin("nvflare-2.8", _NARROW_FAIL),
     "nvflare-2.8-legacy": _builtin("nvflare-2.8-legacy", (*_NARROW_FAIL, Code.EXECUTION_ERROR)),
+    "nvflare-2.9": NVFLARE_29,
 }
 
 
@@ -310,13 +363,19 @@ def _rule(n: int, table: dict[str, Any]) -> Rule:
 
 def _rule_fields(n: int, table: dict[str, Any]) -> Rule:
     _no_unknown_keys(table, RULE_KEYS, "rule")
+    action = _action(table.get("action"), "action")
+    status = _optional(table, "status", _status)
+    if status is not None and action is Action.IGNORE:
+        _refuse("status", "an ignore rule leaves the job unchanged and has no status")
     return Rule(
         id=_label_text(table.get("id", f"rules[{n}]"), "id"),
-        action=_action(table.get("action"), "action"),
+        action=action,
         codes=_optional(table, "codes", _codes),
         values=_optional(table, "values", _value_match),
         launchers=_optional(table, "launchers", _launchers),
         sites=_optional(table, "sites", _sites),
+        stages=_optional(table, "stages", _stages),
+        status=status,
     )
 
 
@@ -342,6 +401,22 @@ def _launchers(value: Any) -> frozenset[Launcher]:
         if name not in Launcher.__members__.values():
             _refuse("launchers", f"{name!r} is not one of {_one_of(Launcher)}")
     return frozenset(Launcher(name) for name in value)
+
+
+def _stages(value: Any) -> frozenset[Stage]:
+    for name in _list(value, "stages"):
+        if name not in Stage.__members__.values():
+            _refuse("stages", f"{name!r} is not one of {_one_of(Stage)}")
+    return frozenset(Stage(name) for name in value)
+
+
+_RULE_STATUSES = [s for s in JobStatus if s.terminal and s is not JobStatus.FINISHED_COMPLETED]
+
+
+def _status(value: Any) -> JobStatus:
+    if value not in _RULE_STATUSES:
+        _refuse("status", f"{value!r} is not one of {_one_of(_RULE_STATUSES)}")
+    return JobStatus(value)
 
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
@@ -427,7 +502,8 @@ def _unlisted_value(policy: Policy) -> int:
 def describe_policy(policy: Policy) -> str:
     """A readable description for ``policy show``: the rules, then the decision per code."""
     rules = [_rule_row(rule) for rule in policy.rules]
-    rules.append((DEFAULT_RULE, policy.default.value, _becomes(policy.default), "no rule matched"))
+    default = target_status(policy.default, None)
+    rules.append((DEFAULT_RULE, policy.default.value, _becomes(default), "no rule matched"))
     codes = [(row.label, *_decision_cells(row.decision)) for row in code_table(policy)]
     return "\n".join(
         [
@@ -442,15 +518,15 @@ def describe_policy(policy: Policy) -> str:
 
 
 def _rule_row(rule: Rule) -> tuple[str, ...]:
-    return (rule.id, rule.action.value, _becomes(rule.action), _conditions(rule) or "always")
+    conditions = _conditions(rule) or "always"
+    return (rule.id, rule.action.value, _becomes(rule.target_status), conditions)
 
 
 def _decision_cells(decision: Decision) -> tuple[str, str, str]:
-    return (decision.action.value, _becomes(decision.action), decision.policy.rule)
+    return (decision.action.value, _becomes(decision.target_status), decision.policy.rule)
 
 
-def _becomes(action: Action) -> str:
-    status = TARGET_STATUS.get(action)
+def _becomes(status: JobStatus | None) -> str:
     return UNCHANGED if status is None else status.value
 
 
@@ -461,6 +537,7 @@ def _conditions(rule: Rule) -> str:
         (f"value {values.operator}", sorted(values.values)) if values else ("value", None),
         ("launcher", _launcher_names(rule)),
         ("site", _site_names(rule)),
+        ("stage", _stage_names(rule)),
     ]
     return "; ".join(f"{key} {_words(items)}" for key, items in parts if items is not None)
 
@@ -476,6 +553,11 @@ def _launcher_names(rule: Rule) -> list[str] | None:
 
 def _site_names(rule: Rule) -> list[str] | None:
     return None if rule.sites is None else sorted(rule.sites)
+
+
+def _stage_names(rule: Rule) -> list[str] | None:
+    stages = rule.stages
+    return None if stages is None else [st.value for st in Stage if st in stages]
 
 
 def _words(items: Iterable[object]) -> str:
@@ -506,11 +588,12 @@ def _rule_as_dict(rule: Rule) -> dict[str, Any]:
     return {
         "id": rule.id,
         "action": rule.action.value,
-        "target_status": _status_or_none(rule.action),
+        "target_status": _status_or_none(rule.target_status),
         "codes": _code_names(rule),
         "values": values and {"operator": values.operator, "values": sorted(values.values)},
         "launchers": _launcher_names(rule),
         "sites": _site_names(rule),
+        "stages": _stage_names(rule),
     }
 
 
@@ -519,11 +602,10 @@ def _code_row_as_dict(row: CodeRow) -> dict[str, Any]:
     return {
         "code": row.label,
         "action": action.value,
-        "target_status": _status_or_none(action),
+        "target_status": _status_or_none(row.decision.target_status),
         "rule": row.decision.policy.rule,
     }
 
 
-def _status_or_none(action: Action) -> str | None:
-    status = TARGET_STATUS.get(action)
+def _status_or_none(status: JobStatus | None) -> str | None:
     return None if status is None else status.value

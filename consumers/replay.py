@@ -28,14 +28,26 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 from uuid import UUID
 
 from consumers.policy import Decision, Policy, decide, to_transition
+from consumers.senders import refusal, sender_of
 from consumers.store import JobView
 from consumers.store.memory import MemoryStore
 from schemas.codes import Action, JobStatus
-from schemas.events import BadMessage, Event, ExitEvent, LifecycleEvent, Transition, parse_body
+from schemas.events import (
+    MAX_BODY_BYTES,
+    BadMessage,
+    Event,
+    ExitEvent,
+    LifecycleEvent,
+    Transition,
+    parse_body,
+    parse_object,
+    read_json,
+)
+from schemas.topology import Names
 
 Replayed = ExitEvent | LifecycleEvent
 NOT_REPORTED = "not_reported"  # an exit the policy ignores: the classifier sends nothing on
@@ -171,23 +183,93 @@ def gc_paused(freeze: bool = False) -> Iterator[None]:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def parse_lines(lines: Iterable[bytes]) -> Iterator[Event | Unreadable]:
-    """The events of a JSON-lines text, one wire body per line; blank lines are skipped."""
+@dataclass(frozen=True)
+class Checks:
+    """The live pipeline's sender checks (``consumers.senders``), as replay applies them."""
+
+    names: Names
+    require_site_user: bool = False
+
+    def refusal(self, names: Names, routing_key: str, event: Event, sender: str | None) -> str:
+        """Why the live pipeline refuses the event from this sender; '' when it takes it."""
+        return refusal(names, routing_key, event, sender, self.require_site_user) or ""
+
+
+# ``archive export`` writes each message as an envelope that keeps what the sender checks need:
+# {"namespace": .., "routing_key": .., "sender": .. | null, "body": {the event}}. A line that is
+# a plain body (it has "schema") is replayed without the checks, as DESIGN 6 allows.
+ENVELOPE_KEYS = frozenset({"namespace", "routing_key", "sender", "body"})
+_ENVELOPE_BYTES = 2048  # room for the envelope's own fields around a body of the maximum size
+
+
+def parse_lines(lines: Iterable[bytes], checks: Checks) -> Iterator[Event | Unreadable]:
+    """The events of a JSON-lines text, one body or envelope per line; blank lines skipped."""
     for number, line in enumerate(lines, start=1):
         try:
-            yield parse_body(line)
+            yield _line_event(line, checks)
         except BadMessage as exc:
             if line.strip():
                 yield Unreadable(f"line {number}", exc.reason)
 
 
-def parse_bodies(bodies: Iterable[tuple[int, bytes]]) -> Iterator[Event | Unreadable]:
-    """The events of archived ``(offset, body)`` pairs."""
-    for offset, body in bodies:
+def _line_event(line: bytes, checks: Checks) -> Event:
+    if len(line) > MAX_BODY_BYTES + _ENVELOPE_BYTES:
+        raise BadMessage(f"line: {len(line)} bytes, over the limit of {MAX_BODY_BYTES}")
+    obj = read_json(line)
+    if isinstance(obj, dict) and "schema" not in obj and "body" in obj:
+        return _enveloped(obj, checks)
+    return parse_object(obj)
+
+
+def _enveloped(envelope: dict[str, object], checks: Checks) -> Event:
+    unknown = sorted(set(envelope) - ENVELOPE_KEYS)
+    if unknown:
+        raise BadMessage(f"{unknown[0][:100]}: unknown envelope field")
+    ns, key, sender = envelope.get("namespace"), envelope.get("routing_key"), envelope.get("sender")
+    if not isinstance(ns, str) or not ns:
+        raise BadMessage("namespace: the envelope needs the namespace it was archived in")
+    if not isinstance(key, str):
+        raise BadMessage("routing_key: the envelope needs the message's routing key")
+    if sender is not None and not isinstance(sender, str):
+        raise BadMessage("sender: must be a string or null")
+    event = parse_object(envelope["body"])
+    names = checks.names if ns == checks.names.ns else Names(ns)
+    problem = checks.refusal(names, key, event, sender)
+    if problem:
+        raise BadMessage(f"refused as live: {problem}")
+    return event
+
+
+class Archived(Protocol):
+    """What replay needs of an archived message (``consumers.archive.Archived``)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def routing_key(self) -> str: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def headers(self) -> Any: ...
+
+
+def parse_archived(messages: Iterable[Archived], checks: Checks) -> Iterator[Event | Unreadable]:
+    """The events of archived messages, each judged as the live daemons judged it."""
+    names = checks.names
+    for message in messages:
         try:
-            yield parse_body(body)
+            event = parse_body(message.body)
         except BadMessage as exc:
-            yield Unreadable(f"offset {offset}", exc.reason)
+            yield Unreadable(f"offset {message.offset}", exc.reason)
+            continue
+        sender = sender_of(names, message.user_id, message.headers)
+        problem = checks.refusal(names, message.routing_key, event, sender)
+        if problem:
+            yield Unreadable(f"offset {message.offset}", f"refused as live: {problem}")
+        else:
+            yield event
 
 
 # -- comparing ---------------------------------------------------------------------------------

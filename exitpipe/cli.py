@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ EX_OK = 0
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_SOFTWARE = 70  # an internal error (a bug), never one of the statuses above
 
 # Command groups, each a module of exitpipe.commands with register(subparsers, common).
 COMMAND_MODULES = (
@@ -96,7 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             field = ".".join(str(p) for p in err["loc"])
             print(f"exitpipe: setting {field}: {err['msg']}", file=sys.stderr)
         return EX_USAGE
-    result: int = args.func(args, settings)
+    try:
+        result: int = args.func(args, settings)
+    except Exception:  # a bug: never let it pass for a documented exit status (1, 2, 69, 75)
+        traceback.print_exc()
+        print(f"exitpipe: internal error; exit status {EX_SOFTWARE}", file=sys.stderr)
+        return EX_SOFTWARE
     return result
 
 

@@ -24,6 +24,7 @@ from producers.errors import BrokerUnreachable
 from schemas.topology import Names
 
 log = logging.getLogger("exitpipe")
+EX_SOFTWARE = 70  # sysexits: an internal failure, never a clean stop
 
 
 def _observer(daemon: str) -> Callable[[Delivery, Action], None]:
@@ -47,6 +48,7 @@ class Pipeline:
     _job_state: JobStateHandler | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _http: ThreadingHTTPServer | None = None
+    _failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s, names = self.settings, Names(self.settings.namespace)
@@ -57,7 +59,7 @@ class Pipeline:
             self._add("classifier", names.classify, classifier)
         if self.store is not None:
             self._job_state = JobStateHandler(
-                self.store, batch_size=s.batch_size, batch_wait=s.batch_wait_ms / 1000
+                self.store, names, batch_size=s.batch_size, batch_wait=s.batch_wait_ms / 1000
             )
             consumer = self._add("job-state", names.job_state, self._job_state)
             self._job_state.start(consumer.settle)
@@ -83,11 +85,41 @@ class Pipeline:
         return consumer
 
     @property
-    def healthy(self) -> bool:
-        """True while every consumer is connected and consuming."""
+    def problems(self) -> list[str]:
+        """What is not working right now; empty while every part is (``/healthz``)."""
+        found = list(self._failures)
         for name, consumer in self.consumers.items():
             CONNECTED.labels(name).set(1 if consumer.connected else 0)
-        return all(c.connected for c in self.consumers.values())
+            if not consumer.connected:
+                found.append(f"{name}: not consuming")
+        if self._job_state is not None:
+            found.extend(self._job_state.problems)
+        return found
+
+    @property
+    def healthy(self) -> bool:
+        """True while every part is working."""
+        return not self.problems
+
+    def _supervised(self, name: str, run: Callable[[], None]) -> Callable[[], None]:
+        # A consumer thread ends only when asked to. If it ends otherwise, or raises, the
+        # daemon must not carry on half alive: it stops, and exits with EX_SOFTWARE.
+        def target() -> None:
+            try:
+                run()
+            except BaseException as exc:
+                log.critical("%s: consumer thread failed", name, exc_info=True)
+                self._fail(f"{name}: consumer thread failed: {exc!r}")
+                return
+            if not self._stopped.is_set():
+                self._fail(f"{name}: consumer thread ended unasked")
+
+        return target
+
+    def _fail(self, problem: str) -> None:
+        if problem not in self._failures:
+            self._failures.append(problem)
+        self.stop()
 
     def start(self) -> None:
         """Declare the topology (retrying while the broker is away) and start consuming."""
@@ -100,9 +132,10 @@ class Pipeline:
         gc.collect()
         gc.freeze()
         if self.settings.metrics_port is not None:
-            self._http = serve_http(self.settings.metrics_port, lambda: self.healthy)
+            self._http = serve_http(self.settings.metrics_port, lambda: self.problems)
         for name, consumer in self.consumers.items():
-            thread = threading.Thread(target=consumer.run, name=name, daemon=True)
+            target = self._supervised(name, consumer.run)
+            thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -132,6 +165,8 @@ class Pipeline:
         while any(t.is_alive() for t in self._threads):
             for t in self._threads:
                 t.join(0.2)
+            if self._job_state is not None and self._job_state.failure is not None:
+                self._fail(f"job-state worker stopped: {self._job_state.failure!r}")
         if self._job_state is not None:
             self._job_state.stop()
         if self.store is not None:
@@ -141,7 +176,7 @@ class Pipeline:
             self._http.server_close()
 
     def run_until_signal(self) -> int:
-        """Run until SIGTERM or SIGINT; exit status 0 after a clean stop."""
+        """Run until SIGTERM or SIGINT: 0 after a clean stop, 70 when a part of it failed."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %s: stopping", signal.Signals(signum).name)
@@ -151,4 +186,11 @@ class Pipeline:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         self.wait()
-        return 0
+        for problem in self._failures:
+            log.critical("exiting after a failure: %s", problem)
+        return self.exit_status
+
+    @property
+    def exit_status(self) -> int:
+        """0 after a clean stop; EX_SOFTWARE when a part of the daemon failed."""
+        return EX_SOFTWARE if self._failures else 0

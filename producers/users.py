@@ -77,7 +77,7 @@ def _exact(*names: str) -> str:
 
 def site_user(ns: str, site: str) -> str:
     """The broker user of one site: ``<ns>-site-<site>`` (the classifier relies on it)."""
-    return f"{ns}-site-{site}"
+    return Names(ns).site_user(site)
 
 
 def check_sites(sites: Sequence[str]) -> list[str]:
@@ -100,16 +100,16 @@ def grants(ns: str, sites: Sequence[str]) -> list[Grant]:
     n = Names(ns)
     fixed = [
         Grant(
-            f"{ns}-classifier",
+            n.classifier_user,
             "classifier",
             NOTHING,
             _exact(n.jobs, n.dead),
             _exact(n.classify),
             (TopicGrant(n.jobs, r"^transition\.(fail|stop)$"),),
         ),
-        Grant(f"{ns}-job-state", "job-state", NOTHING, _exact(n.dead), _exact(n.job_state)),
+        Grant(n.job_state_user, "job-state", NOTHING, _exact(n.dead), _exact(n.job_state)),
         Grant(
-            f"{ns}-server",
+            n.server_user,
             "server",
             NOTHING,
             _exact(n.jobs),

@@ -1,4 +1,4 @@
-"""FLARE 2.8's exit codes and job statuses (DESIGN section 2a).
+"""FLARE's exit codes (2.8 and 2.9) and job statuses (DESIGN section 2a).
 
 FLARE keeps these as plain integers; ``JobReturnCode`` extends ``ProcessExitCode`` so one
 integer never means two things, which lets a single table map both ways.
@@ -18,6 +18,7 @@ class Code(IntEnum):
     EXCEPTION = 101
     UNSAFE_COMPONENT = 102
     CONFIG_ERROR = 103
+    INFRASTRUCTURE_ERROR = 104  # FLARE 2.9; not in 2.8
     UNKNOWN = 127
 
 
@@ -71,6 +72,13 @@ TARGET_STATUS: dict[Action, JobStatus] = {
     Action.FAIL: JobStatus.FINISHED_EXECUTION_EXCEPTION,
     Action.STOP: JobStatus.FINISHED_ABORTED,
 }
+
+
+class Stage(StrEnum):
+    """How far the worker got before it exited, as its launcher saw it."""
+
+    STARTING = "starting"  # it exited before it reported itself started
+    STARTED = "started"
 
 
 class Launcher(StrEnum):

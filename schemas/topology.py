@@ -18,6 +18,9 @@ DEFAULT_ARCHIVE_MAX_AGE = "7D"
 DEFAULT_ARCHIVE_MAX_BYTES = 1_000_000_000
 ERROR_HEADER = "x-exitpipe-error"
 SOURCE_HEADER = "x-exitpipe-source"
+# The original sender of a dead letter, written by the daemon that dead-lettered it and kept
+# by ``dead requeue``; believed only under conditions ``consumers.senders`` spells out.
+SENDER_HEADER = "x-exitpipe-sender"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,35 @@ class Names:
     @property
     def dead_letters(self) -> str:
         return f"{self.ns}.dead-letters"
+
+    # The broker users of ``exitpipe topology --users`` (DESIGN 4a).
+
+    @property
+    def site_prefix(self) -> str:
+        return f"{self.ns}-site-"
+
+    def site_user(self, site: str) -> str:
+        return f"{self.site_prefix}{site}"
+
+    @property
+    def server_user(self) -> str:
+        return f"{self.ns}-server"
+
+    @property
+    def classifier_user(self) -> str:
+        return f"{self.ns}-classifier"
+
+    @property
+    def job_state_user(self) -> str:
+        return f"{self.ns}-job-state"
+
+    def is_role_user(self, user: str) -> bool:
+        """True for a user that ``topology --users`` made for one role of this namespace."""
+        return user.startswith(self.site_prefix) or user in (
+            self.server_user,
+            self.classifier_user,
+            self.job_state_user,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """``exitpipe archive export [--from ..] [--until ..] > events.jsonl``.
 
-Writes the archive as JSON lines, one wire body per line: exactly what ``replay --file`` reads,
-so an incident can travel with a bug report and be replayed elsewhere. Bodies are written as
-archived; one that is valid but spread over several lines is written compactly, and one that is
-not a valid event is left out and named on stderr (replay from the archive skips it too).
+Writes the archive as JSON lines, what ``replay --file`` reads, so an incident can travel with a
+bug report and be replayed elsewhere. Each line is an envelope that keeps what the live sender
+checks need (``{"namespace", "routing_key", "sender", "body"}``, DESIGN 4a), so the replay of a
+file refuses what the live pipeline refused; ``--bodies`` writes the bare wire bodies instead.
+Bodies are written as archived; one that is valid but spread over several lines is written
+compactly, and one that is not a valid event is left out and named on stderr (replay from the
+archive skips it too).
 
 The window options are shared with ``exitpipe replay``.
 """
@@ -11,12 +14,14 @@ The window options are shared with ``exitpipe replay``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from consumers.archive import Archive, Archived, ArchiveMissing, Window, parse_start, parse_time
+from consumers.senders import sender_of
 from exitpipe.settings import Settings
 from producers.errors import BrokerError
 from schemas.events import BadMessage, parse_body
@@ -42,6 +47,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         epilog=WINDOW_HELP,
     )
     add_window(export)
+    export.add_argument(
+        "--bodies",
+        action="store_true",
+        help="bare wire bodies, without routing key and sender (replayed without sender checks)",
+    )
     export.set_defaults(func=export_archive)
 
 
@@ -99,7 +109,9 @@ def export_archive(args: argparse.Namespace, settings: Settings) -> int:
     """Write the window's events to stdout as JSON lines."""
     started = time.perf_counter()
     try:
-        written, skipped = write_lines(open_archive(settings).read(window(args)), sys.stdout.buffer)
+        messages = open_archive(settings).read(window(args))
+        names = None if args.bodies else Names(settings.namespace)
+        written, skipped = write_lines(messages, sys.stdout.buffer, names)
     except BrokerError as exc:
         return broker_status("archive export", exc)
     seconds = time.perf_counter() - started
@@ -108,8 +120,10 @@ def export_archive(args: argparse.Namespace, settings: Settings) -> int:
     return EX_OK
 
 
-def write_lines(messages: Iterator[Archived], out: BinaryIO) -> tuple[int, int]:
-    """Write each archived event as one line; (written, skipped)."""
+def write_lines(
+    messages: Iterator[Archived], out: BinaryIO, names: Names | None = None
+) -> tuple[int, int]:
+    """Write each archived event as one line, in an envelope with ``names``; (written, skipped)."""
     written = skipped = 0
     for message in messages:
         body = message.body
@@ -122,7 +136,16 @@ def write_lines(messages: Iterator[Archived], out: BinaryIO) -> tuple[int, int]:
             )
             skipped += 1
             continue
-        out.write((body if b"\n" not in body and b"\r" not in body else event.to_json()) + b"\n")
+        line = body if b"\n" not in body and b"\r" not in body else event.to_json()
+        if names is not None:
+            line = _envelope(names, message, line)
+        out.write(line + b"\n")
         written += 1
     out.flush()
     return written, skipped
+
+
+def _envelope(names: Names, message: Archived, body: bytes) -> bytes:
+    sender = sender_of(names, message.user_id, message.headers)
+    head = {"namespace": names.ns, "routing_key": message.routing_key, "sender": sender}
+    return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":' + body + b"}"

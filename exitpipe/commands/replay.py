@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from consumers.archive import Archive, Archived
 from consumers.policy import Policy, PolicyError, load_policy
 from consumers.replay import (
+    Checks,
     Difference,
     Replay,
     Replayer,
@@ -31,7 +32,7 @@ from consumers.replay import (
     Unreadable,
     compare,
     gc_paused,
-    parse_bodies,
+    parse_archived,
     parse_lines,
 )
 from exitpipe.commands.archive import WINDOW_HELP, add_window, broker_status, open_archive, window
@@ -48,6 +49,7 @@ EX_DIFFERENT = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69
 PROGRESS_EVERY = 2048  # items between two looks at the clock for the progress bar
+SHOWN_UNREADABLE = 10  # unreadable inputs named one by one on stderr; the rest only counted
 
 EPILOG = f"""\
 {WINDOW_HELP}
@@ -88,7 +90,7 @@ class Read:
     """What a read gave: the replays, the unreadable inputs, and the events to republish."""
 
     replays: list[Replay]
-    unreadable: int = 0
+    unreadable: list[Unreadable] = field(default_factory=list)
     selected: list[ExitEvent | LifecycleEvent] = field(default_factory=list)
 
 
@@ -116,7 +118,7 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(f"exitpipe replay: cannot read {args.file}: {exc}", file=sys.stderr)
         return EX_USAGE
     _report_rate(read, seconds)
-    status = _show(args, read.replays)
+    status = _show(args, read)
     if args.republish:
         status = max(status, _republish(args, settings, read.selected))
     return status
@@ -139,17 +141,19 @@ def _read(args: argparse.Namespace, settings: Settings, policies: list[Policy]) 
     replayers = [Replayer(policy) for policy in policies]
     read = Read([r.result for r in replayers])
     progress = Progress.on_stderr()
+    checks = Checks(Names(settings.namespace), settings.require_site_user)
     if args.file is not None:
-        items = _from_file(args.file, progress)
+        items = _from_file(args.file, progress, checks)
     else:
-        items = _from_archive(open_archive(settings), args, progress)
+        items = _from_archive(open_archive(settings), args, progress, checks)
     feeds = [r.feed for r in replayers]
     keep = _keeper(args, read) if args.republish else None
     for item in items:
         if isinstance(item, Unreadable):
-            read.unreadable += 1
-            progress.clear()
-            print(f"exitpipe replay: {item.where}: {item.reason} (skipped)", file=sys.stderr)
+            read.unreadable.append(item)
+            if len(read.unreadable) <= SHOWN_UNREADABLE:
+                progress.clear()
+                print(f"exitpipe replay: {item.where}: {item.reason} (skipped)", file=sys.stderr)
             continue
         for feed in feeds:
             feed(item)
@@ -167,19 +171,18 @@ def _keeper(args: argparse.Namespace, read: Read) -> Callable[[Event], None]:
     return keep
 
 
-def _from_file(path: str, progress: Progress) -> Iterator[Event | Unreadable]:
+def _from_file(path: str, progress: Progress, checks: Checks) -> Iterator[Event | Unreadable]:
     if path == "-":
-        yield from parse_lines(progress.lines(sys.stdin.buffer, None))
+        yield from parse_lines(progress.lines(sys.stdin.buffer, None), checks)
         return
     with open(path, "rb") as stream:
-        yield from parse_lines(progress.lines(stream, os.fstat(stream.fileno()).st_size))
+        yield from parse_lines(progress.lines(stream, os.fstat(stream.fileno()).st_size), checks)
 
 
 def _from_archive(
-    archive: Archive, args: argparse.Namespace, progress: Progress
+    archive: Archive, args: argparse.Namespace, progress: Progress, checks: Checks
 ) -> Iterator[Event | Unreadable]:
-    messages = progress.offsets(archive.read(window(args)), archive)
-    return parse_bodies((m.offset, m.body) for m in messages)
+    return parse_archived(progress.offsets(archive.read(window(args)), archive), checks)
 
 
 class Progress:
@@ -255,21 +258,27 @@ def _report_rate(read: Read, seconds: float) -> None:
     events = read.replays[0].events
     rate = events / seconds if seconds > 0 else 0.0
     if read.unreadable:
-        print(f"exitpipe replay: {read.unreadable} unreadable input(s) skipped", file=sys.stderr)
+        count = len(read.unreadable)
+        more = f"; the first {SHOWN_UNREADABLE} are named above" if count > SHOWN_UNREADABLE else ""
+        print(
+            f"exitpipe replay: {count} unreadable or refused input(s) skipped{more}",
+            file=sys.stderr,
+        )
     print(f"{events} events in {seconds:.2f} s ({rate:.0f} events/s)", file=sys.stderr)
 
 
 # -- showing -----------------------------------------------------------------------------------
 
 
-def _show(args: argparse.Namespace, replays: list[Replay]) -> int:
+def _show(args: argparse.Namespace, read: Read) -> int:
+    replays = read.replays
     main = replays[0]
     jobs = [j for j in main.timelines if args.job in (None, j)]
     differences = None
     if len(replays) > 1:
         differences = [d for d in compare(main, replays[1]) if args.job in (None, d.job_id)]
     if args.json:
-        print(json.dumps(_as_json(main, jobs, differences), indent=2))
+        print(json.dumps(_as_json(main, jobs, differences, read.unreadable), indent=2))
     elif differences is not None:
         print(describe_differences(main, replays[1], differences, len(jobs)))
     elif jobs:
@@ -281,13 +290,17 @@ def _show(args: argparse.Namespace, replays: list[Replay]) -> int:
 
 
 def _as_json(
-    replay: Replay, jobs: list[str], differences: list[Difference] | None
+    replay: Replay,
+    jobs: list[str],
+    differences: list[Difference] | None,
+    unreadable: list[Unreadable],
 ) -> dict[str, object]:
     views = [replay.view(job) for job in jobs]
     out: dict[str, object] = {
         "events": replay.events,
         "policy": {"name": replay.policy.name, "version": replay.policy.version},
         "jobs": [view.as_json() for view in views if view is not None],
+        "unreadable": [{"where": u.where, "reason": u.reason} for u in unreadable],
     }
     if differences is not None:
         out["differences"] = [d.as_json() for d in differences]

@@ -435,14 +435,15 @@ class DeadLetter:
     body: bytes
 
 
-def drain_dead(amqp_url: str, names: Names) -> list[DeadLetter]:
-    """Take every message from the dead-letter queue."""
+def drain_dead(amqp_url: str, names: Names, *, take: bool = True) -> list[DeadLetter]:
+    """Every message of the dead-letter queue, taken (or, ``take=False``, left in the queue)."""
     out = []
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         ch = conn.channel()
         while True:
-            method, props, body = ch.basic_get(names.dead_letters, auto_ack=True)
+            # Unacked gets go back to the queue when the connection closes.
+            method, props, body = ch.basic_get(names.dead_letters, auto_ack=take)
             if method is None:
                 return out
             headers = props.headers or {}

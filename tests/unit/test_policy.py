@@ -68,6 +68,7 @@ BUILTIN_TABLE = {
     Code.EXCEPTION: ((FAIL, "fail-on-exception"), (FAIL, "fail-on-exception")),
     Code.UNSAFE_COMPONENT: ((STOP, "stop-on-abort"), (STOP, "stop-on-abort")),
     Code.CONFIG_ERROR: ((FAIL, "fail-on-exception"), (FAIL, "fail-on-exception")),
+    Code.INFRASTRUCTURE_ERROR: ((IGNORE, "default"), (IGNORE, "default")),  # new in FLARE 2.9
     Code.UNKNOWN: ((IGNORE, "default"), (IGNORE, "default")),
 }
 TARGET = {FAIL: EXCEPTION_STATUS, STOP: ABORTED_STATUS, IGNORE: None}
@@ -128,10 +129,11 @@ def test_legacy_fails_what_the_narrow_policy_ignores() -> None:
 
 
 def test_builtins_are_named_and_versioned() -> None:
-    assert set(BUILTINS) == {"nvflare-2.8", "nvflare-2.8-legacy"}
+    assert set(BUILTINS) == {"nvflare-2.8", "nvflare-2.8-legacy", "nvflare-2.9"}
     for name, pol in BUILTINS.items():
         assert (pol.name, pol.version, pol.default) == (name, "1", IGNORE)
-        assert [r.id for r in pol.rules] == ["fail-on-exception", "stop-on-abort"]
+        if name != "nvflare-2.9":  # its rules: tests/unit/test_policy_29.py
+            assert [r.id for r in pol.rules] == ["fail-on-exception", "stop-on-abort"]
 
 
 # -- conditions -------------------------------------------------------------------------------
@@ -227,7 +229,8 @@ def test_first_match_wins() -> None:
 @pytest.mark.parametrize("default", list(Action))
 def test_the_default_action_is_honoured(default: Action) -> None:
     decision = decide(exit_event(code=Code.SUCCESS), policy(OOM, default=default))
-    assert decision == Decision(default, PolicyRef(name="t", version="1", rule="default"))
+    ref = PolicyRef(name="t", version="1", rule="default")
+    assert decision == Decision(default, ref, TARGET[default])
     assert decision.target_status is TARGET[default]
 
 
@@ -535,6 +538,7 @@ def test_policy_as_dict_is_json_data() -> None:
             "values": {"operator": "In", "values": [-9, 137]},
             "launchers": ["k8s"],
             "sites": ["site-1"],
+            "stages": None,
         }
     ]
     assert len(data["by_code"]) == len(Code) + 1

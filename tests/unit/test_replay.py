@@ -22,10 +22,11 @@ from consumers.policy import BUILTINS, parse_policy
 from consumers.replay import (
     DUPLICATE,
     NOT_REPORTED,
+    Checks,
     Replay,
     Unreadable,
     compare,
-    parse_bodies,
+    parse_archived,
     parse_lines,
     replay,
 )
@@ -239,7 +240,7 @@ def test_bad_lines_are_reported_by_number_and_reason_and_the_rest_is_read() -> N
         b"\xff\xfe\n",
         *(line + b"\n" for line in good[3:]),
     ]
-    items = list(parse_lines(lines))
+    items = list(parse_lines(lines, Checks(Names("ns"))))
     bad = [i for i in items if isinstance(i, Unreadable)]
     assert [b.where for b in bad] == ["line 2", "line 5", "line 6", "line 7"]
     assert bad[0].reason.startswith("body: not JSON")
@@ -252,7 +253,14 @@ def test_bad_lines_are_reported_by_number_and_reason_and_the_rest_is_read() -> N
 
 
 def test_archived_bodies_are_named_by_offset() -> None:
-    items = list(parse_bodies([(7, b"[]"), (8, _teardown()[0].to_json())]))
+    messages = [
+        SimpleNamespace(offset=offset, routing_key=key, body=body, user_id=None, headers=None)
+        for offset, key, body in [
+            (7, "exit.site-1", b"[]"),
+            (8, "lifecycle.SUBMITTED", _teardown()[0].to_json()),
+        ]
+    ]
+    items = list(parse_archived(messages, Checks(Names("ns"))))
     assert items[0] == Unreadable("offset 7", "body: not a JSON object")
     assert isinstance(items[1], LifecycleEvent)
 
@@ -301,12 +309,15 @@ def test_a_read_keeps_what_its_window_holds_and_ends_at_the_end() -> None:
 NAMES = Names("ns")
 
 
-def _props(headers: dict[str, Any] | None, message_id: str = "m-1") -> Any:
-    return SimpleNamespace(headers=headers, message_id=message_id)
+def _props(
+    headers: dict[str, Any] | None, message_id: str = "m-1", user_id: str | None = None
+) -> Any:
+    return SimpleNamespace(headers=headers, message_id=message_id, user_id=user_id)
 
 
 def test_a_dead_letter_from_a_consumer_names_its_reason_and_source() -> None:
     message = dead_message(
+        NAMES,
         1,
         "lifecycle.RUNNING",
         _props({"x-exitpipe-error": "status: bad", "x-exitpipe-source": NAMES.job_state}),
@@ -319,13 +330,13 @@ def test_a_dead_letter_from_a_consumer_names_its_reason_and_source() -> None:
 def test_a_dead_letter_from_the_delivery_limit_is_read_from_x_death() -> None:
     death = {"count": 1, "reason": "delivery_limit", "queue": NAMES.classify}
     death["routing-keys"] = ["exit.site-1"]
-    message = dead_message(2, "exit.site-1", _props({"x-death": [death]}), b"\x00body")
+    message = dead_message(NAMES, 2, "exit.site-1", _props({"x-death": [death]}), b"\x00body")
     assert (message.reason, message.source, message.count) == ("delivery_limit", "ns.classify", 1)
     assert route_back(NAMES, message) == ("ns.events", "exit.site-1")
     assert message.preview() == "\\x00body"
 
 
 def test_a_dead_letter_of_unknown_origin_is_not_routed_back() -> None:
-    message = dead_message(3, "x", _props(None), b"")
+    message = dead_message(NAMES, 3, "x", _props(None), b"")
     assert (message.reason, message.source) == ("unknown", None)
     assert route_back(NAMES, message) is None

@@ -272,6 +272,47 @@ def parse_archived(messages: Iterable[Archived], checks: Checks) -> Iterator[Eve
             yield event
 
 
+# -- a job's exits ---------------------------------------------------------------------------
+
+
+def job_exits(
+    items: Iterable[Event | Unreadable], job_id: str, policy: Policy
+) -> list[dict[str, object]]:
+    """Every exit event of ``job_id`` among ``items``, with what ``policy`` decides of it.
+
+    The ``exits`` of ``jobs show --json`` (DESIGN 6): the exits the policy ignored included,
+    which never reach the store, in the order given (the archive's).
+    """
+    return [
+        exit_record(item, decide(item, policy))
+        for item in items
+        if isinstance(item, ExitEvent) and item.job_id == job_id
+    ]
+
+
+def timeline_exits(replay: Replay, job_id: str) -> list[dict[str, object]]:
+    """The ``exits`` of a replayed job: every exit of its timeline, as ``jobs show`` has them."""
+    return [
+        exit_record(step.event, step.decision)
+        for step in replay.timelines.get(job_id, ())
+        if isinstance(step.event, ExitEvent) and step.decision is not None
+    ]
+
+
+def exit_record(event: ExitEvent, decision: Decision) -> dict[str, object]:
+    """One entry of ``exits`` (DESIGN 6): the exit and what the policy decided of it."""
+    return {
+        "event_id": str(event.event_id),
+        "site": event.site,
+        "code": event.effective_code.name,
+        "return_code": event.return_code,
+        "stage": event.stage.value if event.stage else None,
+        "decision": decision.action.value,
+        "rule": decision.policy.rule,
+        "occurred_at": event.occurred_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
 # -- comparing ---------------------------------------------------------------------------------
 
 

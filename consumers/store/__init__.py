@@ -39,14 +39,37 @@ class JobView:
     updated_at: datetime
     history: tuple[HistoryRow, ...]
 
+    @property
+    def server_status(self) -> JobStatus | None:
+        """The server's own verdict: the first lifecycle FINISHED:* recorded, applied or not."""
+        return server_status(self.history)
+
     def as_json(self) -> dict[str, object]:
-        """The object ``jobs show --json`` prints (DESIGN 6)."""
+        """The object ``jobs show --json`` prints (DESIGN 6), without ``exits``."""
+        server = self.server_status
         return {
             "job_id": self.job_id,
             "status": self.status.value if self.status else None,
             "sites": list(self.sites) if self.sites is not None else None,
+            "server_status": server.value if server else None,
             "history": [row.as_json() for row in self.history],
         }
+
+
+def server_status(history: Sequence[HistoryRow]) -> JobStatus | None:
+    """The status of the first lifecycle FINISHED:* row of a job's history."""
+    for row in history:
+        if row.kind == "lifecycle" and row.action.startswith(FINISHED):
+            return JobStatus(row.action)
+    return None
+
+
+FINISHED = "FINISHED:"
+# SQL for the same, per job, in both SQL stores (history_job_seq makes it one index probe).
+SERVER_STATUS_SQL = (
+    "(SELECT h.action FROM history h WHERE h.job_id = jobs.job_id AND h.kind = 'lifecycle'"
+    " AND substr(h.action, 1, 9) = 'FINISHED:' ORDER BY h.seq LIMIT 1)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,21 @@ class JobSummary:
     job_id: str
     status: JobStatus | None
     updated_at: datetime
+    server_status: JobStatus | None = None
+
+    @property
+    def disagrees(self) -> bool:
+        """True when the server's own verdict is known and differs from the store's status."""
+        return self.server_status is not None and self.server_status != self.status
+
+    def as_json(self) -> dict[str, object]:
+        """One entry of ``jobs list --json`` (DESIGN 6)."""
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value if self.status else None,
+            "server_status": self.server_status.value if self.server_status else None,
+            "updated_at": self.updated_at.isoformat().replace("+00:00", "Z"),
+        }
 
 
 @dataclass(frozen=True)
@@ -77,8 +115,14 @@ class Store(Protocol):
         """A job and its history, or None when the store has never seen it."""
         ...
 
-    def list(self, status: JobStatus | None = None, limit: int | None = None) -> list[JobSummary]:
-        """Jobs, optionally only those in ``status``, oldest update first."""
+    def list(
+        self,
+        status: JobStatus | None = None,
+        limit: int | None = None,
+        disagreements: bool = False,
+    ) -> list[JobSummary]:
+        """Jobs, optionally only those in ``status`` or whose server verdict differs, oldest
+        update first."""
         ...
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from uuid import UUID
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
-from consumers.store import Applied, JobSummary, JobView
+from consumers.store import Applied, JobSummary, JobView, server_status
 from consumers.store._shared import Clock, check_limit, normalised, utc, utc_now
 from schemas.codes import JobStatus
 
@@ -96,11 +96,22 @@ class MemoryStore:
         """Nothing to release."""
 
     def list(
-        self, status: JobStatus | None = None, limit: int | None = None
+        self,
+        status: JobStatus | None = None,
+        limit: int | None = None,
+        disagreements: bool = False,
     ) -> builtins.list[JobSummary]:
-        """Jobs (only those in ``status`` when given), oldest update first."""
+        """Jobs (only those in ``status``, or that disagree, when asked), oldest update first."""
         check_limit(limit)
         with self._lock:
             records = [r for r in self._jobs.values() if status is None or r.job.status == status]
-        records.sort(key=lambda r: (r.updated_at, r.job.job_id))
-        return [JobSummary(r.job.job_id, r.job.status, r.updated_at) for r in records[:limit]]
+            summaries = [self._summary(r) for r in records]
+        summaries.sort(key=lambda s: (s.updated_at, s.job_id))
+        if disagreements:
+            summaries = [s for s in summaries if s.disagrees]
+        return summaries[:limit]
+
+    def _summary(self, record: _JobRecord) -> JobSummary:
+        history = [self._rows[e] for e in self._order.get(record.job.job_id, ())]
+        job = record.job
+        return JobSummary(job.job_id, job.status, record.updated_at, server_status(history))

@@ -29,7 +29,14 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
-from consumers.store import Applied, JobSummary, JobView, StoreError, StoreUnavailable
+from consumers.store import (
+    SERVER_STATUS_SQL,
+    Applied,
+    JobSummary,
+    JobView,
+    StoreError,
+    StoreUnavailable,
+)
 from consumers.store._shared import (
     HISTORY_COLUMNS,
     Clock,
@@ -320,18 +327,29 @@ class PostgresStore:
             self._drop()
 
     def list(
-        self, status: JobStatus | None = None, limit: int | None = None
+        self,
+        status: JobStatus | None = None,
+        limit: int | None = None,
+        disagreements: bool = False,
     ) -> builtins.list[JobSummary]:
-        """Jobs (only those in ``status`` when given), oldest update first."""
+        """Jobs (only those in ``status``, or that disagree, when asked), oldest update first."""
         check_limit(limit)
         with self._session() as conn:
             records = conn.execute(
-                "SELECT job_id, status, updated_at FROM jobs WHERE status IS NOT NULL "
-                "AND (%(s)s::text IS NULL OR status = %(s)s) "
+                "SELECT * FROM (SELECT job_id, status, updated_at, "
+                f"{SERVER_STATUS_SQL} AS server_status FROM jobs WHERE status IS NOT NULL "
+                "AND (%(s)s::text IS NULL OR status = %(s)s)) AS j "
+                "WHERE NOT %(d)s OR server_status IS DISTINCT FROM status "
+                "AND server_status IS NOT NULL "
                 "ORDER BY updated_at, job_id LIMIT %(n)s",
-                {"s": status.value if status else None, "n": limit},
+                {"s": status.value if status else None, "n": limit, "d": disagreements},
             ).fetchall()
         return [
-            JobSummary(r["job_id"], status_or_none(r["status"]), utc(r["updated_at"]))
+            JobSummary(
+                r["job_id"],
+                status_or_none(r["status"]),
+                utc(r["updated_at"]),
+                status_or_none(r["server_status"]),
+            )
             for r in records
         ]

@@ -21,7 +21,14 @@ from datetime import datetime
 from typing import Any
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
-from consumers.store import Applied, JobSummary, JobView, StoreError, StoreUnavailable
+from consumers.store import (
+    SERVER_STATUS_SQL,
+    Applied,
+    JobSummary,
+    JobView,
+    StoreError,
+    StoreUnavailable,
+)
 from consumers.store._shared import (
     HISTORY_COLUMNS,
     Clock,
@@ -286,17 +293,28 @@ class SqliteStore:
                 self._conn = None
 
     def list(
-        self, status: JobStatus | None = None, limit: int | None = None
+        self,
+        status: JobStatus | None = None,
+        limit: int | None = None,
+        disagreements: bool = False,
     ) -> builtins.list[JobSummary]:
-        """Jobs (only those in ``status`` when given), oldest update first."""
+        """Jobs (only those in ``status``, or that disagree, when asked), oldest update first."""
         check_limit(limit)
         with self._transaction("BEGIN") as db:
             records = db.execute(
-                "SELECT job_id, status, updated_at FROM jobs WHERE ?1 IS NULL OR status = ?1 "
+                "SELECT * FROM (SELECT job_id, status, updated_at, "
+                f"{SERVER_STATUS_SQL} AS server_status FROM jobs "
+                "WHERE ?1 IS NULL OR status = ?1) "
+                "WHERE NOT ?3 OR (server_status IS NOT NULL AND server_status IS NOT status) "
                 "ORDER BY updated_at, job_id LIMIT ?2",
-                (status.value if status else None, -1 if limit is None else limit),
+                (status.value if status else None, -1 if limit is None else limit, disagreements),
             ).fetchall()
         return [
-            JobSummary(r["job_id"], status_or_none(r["status"]), _parse_time(r["updated_at"]))
+            JobSummary(
+                r["job_id"],
+                status_or_none(r["status"]),
+                _parse_time(r["updated_at"]),
+                status_or_none(r["server_status"]),
+            )
             for r in records
         ]

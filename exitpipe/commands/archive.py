@@ -73,14 +73,14 @@ def window(args: argparse.Namespace) -> Window:
     return Window(start=args.start if args.start is not None else "first", until=args.until)
 
 
-def open_archive(settings: Settings) -> Archive:
+def open_archive(settings: Settings, retry_seconds: float | None = None) -> Archive:
     """The namespace's archive stream."""
     return Archive(
         settings.amqp_url,
         Names(settings.namespace).archive,
         prefetch=settings.prefetch,
         heartbeat=settings.heartbeat,
-        retry_seconds=settings.retry_seconds,
+        retry_seconds=settings.retry_seconds if retry_seconds is None else retry_seconds,
         ca_file=settings.amqp_ca_file,
     )
 

@@ -7,12 +7,18 @@ import json
 import sys
 from typing import Any
 
+from consumers.archive import Window
+from consumers.policy import PolicyError, load_policy
+from consumers.replay import Checks, job_exits, parse_archived
 from consumers.state import HistoryRow
 from consumers.store import JobView, StoreError
 from consumers.store.factory import open_store
+from exitpipe.commands.archive import open_archive
 from exitpipe.commands.table import render
 from exitpipe.settings import Settings
+from producers.errors import BrokerError
 from schemas.codes import JobStatus
+from schemas.topology import Names
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -26,6 +32,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     lst = sub.add_parser("list", parents=[common], help="every job's status")
     lst.add_argument("--status", type=_status, help="only jobs in this status")
     lst.add_argument("--limit", type=int, help="at most this many jobs")
+    lst.add_argument(
+        "--disagreements",
+        action="store_true",
+        help="only jobs whose server verdict (server_status) differs from their status",
+    )
     lst.add_argument("--json", action="store_true", help="a JSON list")
     lst.set_defaults(func=list_jobs)
 
@@ -52,14 +63,39 @@ def show_job(args: argparse.Namespace, settings: Settings) -> int:
     if job is None:
         print(f"exitpipe: job {args.job_id!r} is not in the store", file=sys.stderr)
         return 1
-    print(json.dumps(job.as_json(), indent=2) if args.json else describe_job(job))
+    exits = archived_exits(settings, job.job_id)
+    if args.json:
+        print(json.dumps({**job.as_json(), "exits": exits}, indent=2))
+    else:
+        print(describe_job(job, exits))
     return 0
 
 
-def describe_job(job: JobView) -> str:
+def archived_exits(settings: Settings, job_id: str) -> list[dict[str, object]]:
+    """The job's exit events from the archive, decided by the configured policy.
+
+    The archive is where exitpipe keeps exits the policy ignored (they never reach the store).
+    It is read with the live sender checks, so a refused spoof is not shown as an exit. When
+    the broker cannot be reached the exits are left out, and stderr says so.
+    """
+    try:
+        policy = load_policy(settings.policy)
+        archive = open_archive(settings, retry_seconds=min(settings.retry_seconds, 5.0))
+        checks = Checks(Names(settings.namespace), settings.require_site_user)
+        return job_exits(parse_archived(archive.read(Window()), checks), job_id, policy)
+    except (BrokerError, PolicyError) as exc:
+        print(f"exitpipe: exits left out: {exc}", file=sys.stderr)
+        return []
+
+
+def describe_job(job: JobView, exits: list[dict[str, object]] | None = None) -> str:
     """A job's status, sites and history as a readable table, with the why of each row."""
     sites = ", ".join(job.sites) if job.sites else "unknown (any site may report)"
     head = f"job {job.job_id}: {job.status.value if job.status else '-'}   sites: {sites}"
+    server = job.server_status
+    if server is not None:
+        agree = "agrees" if server == job.status else "DISAGREES"
+        head += f"\nserver verdict: {server.value} ({agree})"
     rows = [_history_cells(r) for r in job.history]
     headers = [
         "occurred",
@@ -73,7 +109,16 @@ def describe_job(job: JobView) -> str:
         "dup",
         "event",
     ]
-    return head + "\n" + render(headers, rows)
+    text = head + "\n" + render(headers, rows)
+    if exits:
+        cells = [
+            [e["occurred_at"], e["site"], e["code"], e["return_code"], e["stage"], e["decision"],
+             e["rule"], str(e["event_id"])[:8]]
+            for e in exits
+        ]  # fmt: skip
+        heads = ["occurred", "site", "code", "rc", "stage", "decision", "rule", "event"]
+        text += "\n\nexits (from the archive):\n" + render(heads, cells)
+    return text
 
 
 def _history_cells(row: HistoryRow) -> list[object]:
@@ -101,26 +146,27 @@ def list_jobs(args: argparse.Namespace, settings: Settings) -> int:
     try:
         store = open_store(settings.store)
         try:
-            jobs = store.list(status=args.status, limit=args.limit)
+            jobs = store.list(
+                status=args.status, limit=args.limit, disagreements=args.disagreements
+            )
         finally:
             store.close()
     except StoreError as exc:
         print(f"exitpipe: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        out = [
-            {
-                "job_id": j.job_id,
-                "status": j.status.value if j.status else None,
-                "updated_at": j.updated_at.isoformat().replace("+00:00", "Z"),
-            }
-            for j in jobs
-        ]
-        print(json.dumps(out, indent=2))
+        print(json.dumps([j.as_json() for j in jobs], indent=2))
         return 0
     rows = [
-        [j.job_id, j.status.value if j.status else None, j.updated_at.strftime("%Y-%m-%d %H:%M:%S")]
+        [
+            j.job_id,
+            j.status.value if j.status else None,
+            (j.server_status.value + (" (differs)" if j.disagrees else ""))
+            if j.server_status
+            else None,
+            j.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        ]
         for j in jobs
     ]
-    print(render(["job", "status", "updated"], rows))
+    print(render(["job", "status", "server verdict", "updated"], rows))
     return 0

@@ -34,6 +34,7 @@ from consumers.replay import (
     gc_paused,
     parse_archived,
     parse_lines,
+    timeline_exits,
 )
 from exitpipe.commands.archive import WINDOW_HELP, add_window, broker_status, open_archive, window
 from exitpipe.commands.producers import publisher_for
@@ -299,7 +300,11 @@ def _as_json(
     out: dict[str, object] = {
         "events": replay.events,
         "policy": {"name": replay.policy.name, "version": replay.policy.version},
-        "jobs": [view.as_json() for view in views if view is not None],
+        "jobs": [
+            {**view.as_json(), "exits": timeline_exits(replay, view.job_id)}
+            for view in views
+            if view is not None
+        ],
         "unreadable": [{"where": u.where, "reason": u.reason} for u in unreadable],
     }
     if differences is not None:

@@ -94,9 +94,14 @@ def test_replay_reproduces_exactly_what_the_daemons_stored(
     finally:
         store.close()
     assert set(replayed) == set(stored) and len(stored) == 8
+    env = {**_env(amqp_url, namespace), "EXITPIPE_STORE": store_url}
     for job_id, view in stored.items():
         assert view is not None
+        exits = replayed[job_id].pop("exits")
         assert _without_recorded_at(replayed[job_id]) == _without_recorded_at(view.as_json())
+        # jobs show reads the same exits from the archive, ignored ones included.
+        shown = json.loads(_exitpipe("jobs", "show", job_id, "--json", env=env).stdout)
+        assert shown["exits"] == exits
     assert RATE.search(run.stderr), run.stderr
 
 

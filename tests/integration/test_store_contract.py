@@ -130,6 +130,40 @@ def test_apply_then_get(store: Store) -> None:
     assert row.policy == fail.policy
 
 
+def test_server_status_is_the_first_finished_lifecycle_applied_or_not(store: Store) -> None:
+    # exitpipe's policy fails job-a first; the server then says ABNORMAL, and later COMPLETED.
+    store.apply_batch(
+        [
+            lifecycle(status=S.RUNNING),
+            transition(),
+            lifecycle(status=S.FINISHED_ABNORMAL),
+            lifecycle(status=S.FINISHED_COMPLETED),
+            lifecycle(job_id="job-b", status=S.RUNNING),
+            lifecycle(job_id="job-b", status=S.FINISHED_COMPLETED),
+            lifecycle(job_id="job-c", status=S.RUNNING),
+        ]
+    )
+    a, b, c = (store.get(j) for j in ("job-a", "job-b", "job-c"))
+    assert a is not None and b is not None and c is not None
+    assert (a.status, a.server_status) == (S.FINISHED_EXECUTION_EXCEPTION, S.FINISHED_ABNORMAL)
+    assert a.as_json()["server_status"] == "FINISHED:ABNORMAL"
+    assert (b.status, b.server_status) == (S.FINISHED_COMPLETED, S.FINISHED_COMPLETED)
+    assert c.server_status is None and c.as_json()["server_status"] is None
+    listed = {j.job_id: j for j in store.list()}
+    assert listed["job-a"].server_status is S.FINISHED_ABNORMAL
+    assert listed["job-c"].as_json()["server_status"] is None
+    assert [j.job_id for j in store.list(disagreements=True)] == ["job-a"]
+    assert store.list(status=S.FINISHED_COMPLETED, disagreements=True) == []
+
+
+def test_a_transition_takes_the_job_to_its_rules_status(store: Store) -> None:
+    abnormal = transition().model_copy(update={"target_status": S.FINISHED_ABNORMAL})
+    store.apply_batch([lifecycle(status=S.RUNNING), abnormal])
+    view = store.get("job-a")
+    assert view is not None and view.status is S.FINISHED_ABNORMAL
+    assert view.history[-1].status_after is S.FINISHED_ABNORMAL
+
+
 def test_show_json_shape(store: Store) -> None:
     store.apply_batch([lifecycle(status=S.SUBMITTED, sites=["site-1"]), transition()])
 

@@ -259,3 +259,37 @@ def test_only_the_server_may_publish_a_lifecycle_event() -> None:
     for sender in (SITE_A, NAMES.classifier_user):
         problem = job_event_problem(NAMES, "lifecycle.RUNNING", event, sender)
         assert problem == f"sender: {sender!r} may not publish a lifecycle event"
+
+
+def test_replay_of_a_file_reports_unreadable_lines_and_carries_on(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    good = exit_of("site-a").to_json()
+    lines = [
+        good,
+        good.replace(b'"return_code":101', b'"return_code":' + b"9" * 5000),  # was a traceback
+        b"{not json",
+        *(b'{"schema": "x%d"}' % n for n in range(12)),
+        envelope(exit_of("site-b"), "exit.site-a", SITE_A).rstrip(),
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    env = {"PATH": "/usr/bin:/bin", "EXITPIPE_NAMESPACE": "ns", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "exitpipe.cli", "replay", "--file", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr  # 1 would mean "policies differ"
+    out = json.loads(done.stdout)
+    assert out["events"] == 1
+    unreadable = out["unreadable"]
+    assert [u["where"] for u in unreadable] == [f"line {n}" for n in range(2, 17)]
+    assert "a number too large" in unreadable[0]["reason"]
+    assert unreadable[-1]["reason"].startswith("refused as live: site:")
+    named = [line for line in done.stderr.splitlines() if line.endswith("(skipped)")]
+    assert len(named) == 10  # the first reasons, then only a count
+    assert "15 unreadable or refused input(s) skipped" in done.stderr

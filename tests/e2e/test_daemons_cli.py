@@ -166,4 +166,4 @@ def test_jobs_show_and_list(amqp_url: str, namespace: str, tmp_path: Path) -> No
     }
     only = json.loads(_exitpipe("jobs", "list", "--status", "SUBMITTED", "--json", env=env).stdout)
     assert [j["job_id"] for j in only] == ["show-2"]
-    assert set(only[0]) == {"job_id", "status", "updated_at"}
+    assert set(only[0]) == {"job_id", "status", "server_status", "updated_at"}

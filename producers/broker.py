@@ -139,6 +139,11 @@ def _bindings(topo: Topology) -> list[tuple[str, str, str]]:
     return [(q.name, exchange, key) for q in topo.queues for exchange, key in q.bindings]
 
 
+def _retired(topo: Topology) -> list[tuple[str, str, str]]:
+    """(queue, exchange, routing key) of every binding an earlier version declared."""
+    return [(q.name, exchange, key) for q in topo.queues for exchange, key in q.retired]
+
+
 def _declare(conn: Any, topo: Topology) -> list[str]:
     only_checked: list[str] = []
     for obj in _objects(topo):
@@ -158,6 +163,9 @@ def _declare(conn: Any, topo: Topology) -> list[str]:
             only_checked.append(f"binding {exchange} -> {queue} ({key})")
         else:
             _on_fresh_channel(conn, partial(_bind, queue=queue, exchange=exchange, key=key))
+    if not only_checked:
+        for queue, exchange, key in _retired(topo):
+            _on_fresh_channel(conn, partial(_unbind, queue=queue, exchange=exchange, key=key))
     if only_checked:
         log.info(
             "this broker user may not configure: checked that the exchanges and queues exist"
@@ -244,6 +252,10 @@ def _queue_exists(name: str, channel: Channel) -> None:
 
 def _bind(channel: Channel, queue: str, exchange: str, key: str) -> None:
     channel.queue_bind(queue, exchange, routing_key=key)
+
+
+def _unbind(channel: Channel, queue: str, exchange: str, key: str) -> None:
+    channel.queue_unbind(queue, exchange, routing_key=key)
 
 
 def _on_fresh_channel(conn: Any, step: Callable[[Channel], object]) -> None:

@@ -34,6 +34,8 @@ class Queue:
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
     bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key pattern)
+    # Bindings an earlier version declared and this one removes (unbinding is idempotent).
+    retired: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,11 @@ def topology(
                     "x-max-age": archive_max_age,
                     "x-max-length-bytes": archive_max_bytes,
                 },
-                ((n.events, "#"), (n.jobs, "#")),
+                # Exit and lifecycle events only: a transition is the classifier's output, which
+                # replay derives again and the store's history records, and leaving it out
+                # spares the broker a stream write for every reported exit (DESIGN 4).
+                ((n.events, "#"), (n.jobs, "lifecycle.#")),
+                retired=((n.jobs, "#"),),
             ),
             Queue(n.dead_letters, {"x-queue-type": "quorum"}, ((n.dead, "#"),)),
         ),

@@ -9,6 +9,7 @@ import pika
 import pika.exceptions
 import pytest
 
+from consumers.archive import Archive
 from producers.broker import check_topology, declare_topology
 from producers.errors import TopologyMismatch
 from schemas.topology import Names, topology
@@ -159,3 +160,24 @@ def _wait_get(
             method, props, body = channel.basic_get(queue)
             assert method is not None, f"nothing in {queue}"
     return method, props, body
+
+
+def test_the_archive_keeps_exit_and_lifecycle_events_but_not_transitions(
+    amqp_url: str, namespace: str, channel: pika.adapters.blocking_connection.BlockingChannel
+) -> None:
+    names = Names(namespace)
+    declare_topology(amqp_url, topology(namespace))
+    # An earlier version bound the archive to every key of the jobs exchange; declaring again
+    # retires that binding.
+    channel.queue_bind(names.archive, names.jobs, routing_key="#")
+    declare_topology(amqp_url, topology(namespace))
+    channel.confirm_delivery()
+    for exchange, key in [
+        (names.events, "exit.site-1"),
+        (names.jobs, "lifecycle.RUNNING"),
+        (names.jobs, "transition.fail"),
+    ]:
+        channel.basic_publish(exchange, key, json.dumps({"key": key}).encode())
+    archived = [m.routing_key for m in Archive(amqp_url, names.archive).read()]
+    assert archived == ["exit.site-1", "lifecycle.RUNNING"]
+    assert channel.queue_declare(names.job_state, passive=True).method.message_count == 2

@@ -8,8 +8,12 @@ Each measurement runs in a fresh namespace on the same broker, daemons as subpro
   -> job-state -> store commit -> ack, for SQLite and PostgreSQL.
 
 For each: events/s at the maximum, and publish-to-applied latency p50/p95/p99 at the maximum
-and at a paced rate; peak RSS of each daemon; the exitpipe / baseline ratio. Progress goes to
-stderr; ``--json`` prints the results as one JSON object on stdout.
+and at a paced rate; peak RSS of each daemon. ``--repeat N`` interleaves N rounds (baseline,
+then each exitpipe store, N times), so that the ratios of each round compare runs minutes
+apart: the rate ratio and the paced p50 and p99 latency ratios, exitpipe over baseline.
+Progress goes to stderr; ``--json`` prints the results as one JSON object on stdout and
+``--out DIR`` also writes them to ``DIR/bench-<time>.json`` (the raw results that
+``python -m benchmarks.report`` turns into docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import (
     BenchConfig,
+    machine,
     measure_baseline,
     measure_exitpipe,
     measure_memory,
@@ -62,6 +68,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "the broker work exitpipe's archive adds",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds of every run")
+    p.add_argument("--out", type=Path, help="also write the raw results to DIR/bench-<time>.json")
     return p.parse_args(argv)
 
 
@@ -107,12 +115,6 @@ def table(results: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
-    if "replay" in results:
-        rp = results["replay"]
-        lines.append(
-            f"replay --file: {rp['events']} events in {rp['seconds']:.2f}s "
-            f"= {rp['rate']:.0f} events/s"
-        )
     return "\n".join(lines)
 
 
@@ -129,6 +131,36 @@ def main(argv: list[str] | None = None) -> int:
         pg_url=args.pg_url,
     )
     started = time.time()
+    rounds = [_round(args, config) for _ in range(max(1, args.repeat))]
+    results: dict[str, Any] = {
+        "config": config.__dict__ | {"amqp_url": "(redacted)", "repeat": len(rounds)},
+        "started": started,
+        "machine": machine(),
+        "rounds": rounds,
+        # The first round under the names earlier readers of the results know.
+        "runs": rounds[0]["runs"],
+        "ratios": {k: v["rate"] for k, v in rounds[0]["ratios"].items()},
+    }
+    if args.replay_events:
+        results["replay"] = [measure_replay(args.replay_events) for _ in rounds]
+    if args.memory:
+        small, large = (int(x) for x in args.memory.split(","))
+        results["memory"] = measure_memory(config, small, large)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+        path = args.out / f"bench-{stamp}.json"
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"raw results: {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print("\n\n".join(table({**results, "runs": r["runs"]}) for r in rounds))
+        print(replay_lines(results.get("replay", [])))
+    return 0
+
+
+def _round(args: argparse.Namespace, config: BenchConfig) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     if not args.skip_baseline:
         runs["baseline"] = measure_baseline(config)
@@ -138,27 +170,38 @@ def main(argv: list[str] | None = None) -> int:
         if store == "postgres" and not args.pg_url:
             continue
         runs[f"exitpipe-{store}"] = measure_exitpipe(config, store)
-    results: dict[str, Any] = {
-        "config": config.__dict__ | {"amqp_url": "(redacted)"},
-        "runs": runs,
-        "started": started,
-    }
-    if "baseline" in runs:
-        results["baseline"] = runs["baseline"]
-        base = runs["baseline"]["max"]["rate"]
-        results["ratios"] = {
-            k: v["max"]["rate"] / base for k, v in runs.items() if not k.startswith("baseline")
+    return {"runs": runs, "ratios": ratios(runs)}
+
+
+def ratios(runs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Each exitpipe run over the baseline of the same round: rate and paced latencies."""
+    base = runs.get("baseline")
+    if base is None:
+        return {}
+    out = {}
+    for name, run in runs.items():
+        if name.startswith("baseline"):
+            continue
+        out[name] = {
+            "rate": run["max"]["rate"] / base["max"]["rate"],
+            "paced_p50": _over(run["paced"].get("p50"), base["paced"].get("p50")),
+            "paced_p99": _over(run["paced"].get("p99"), base["paced"].get("p99")),
         }
-    if args.replay_events:
-        results["replay"] = measure_replay(args.replay_events)
-    if args.memory:
-        small, large = (int(x) for x in args.memory.split(","))
-        results["memory"] = measure_memory(config, small, large)
-    if args.json:
-        print(json.dumps(results, indent=2, default=str))
-    else:
-        print(table(results))
-    return 0
+    return out
+
+
+def _over(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def replay_lines(replays: list[dict[str, Any]]) -> str:
+    """One line per replay measurement: whole-process rates, JSON and text output."""
+    return "\n".join(
+        f"replay --file {r['events']} events: --json {r['json']['rate']:.0f}/s "
+        f"({r['json']['wall_s']:.2f} s), text {r['text']['rate']:.0f}/s "
+        f"({r['text']['wall_s']:.2f} s), whole process, output included"
+        for r in replays
+    )
 
 
 if __name__ == "__main__":

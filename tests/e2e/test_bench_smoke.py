@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
-    amqp_url: str, pg_url: str
+    amqp_url: str, pg_url: str, tmp_path: Path
 ) -> None:
     run = subprocess.run(
         [
@@ -34,6 +34,12 @@ def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
             "1",
             "--replay-events",
             "2000",
+            "--repeat",
+            "2",
+            "--stores",
+            "sqlite,postgres",
+            "--out",
+            str(tmp_path),
             "--json",
         ],
         cwd=REPO,
@@ -51,5 +57,24 @@ def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
         assert r["paced"]["p99"] >= r["paced"]["p50"] > 0, name
     assert set(result["ratios"]) == {"exitpipe-sqlite", "exitpipe-postgres"}
     assert set(result["runs"]["exitpipe-sqlite"]["peak_rss"]) == {"job-state", "classifier-0"}
-    assert result["replay"]["events"] == 2000 and result["replay"]["exit"] == 0
+    assert len(result["rounds"]) == 2
+    for rnd in result["rounds"]:
+        for ratio in rnd["ratios"].values():
+            assert ratio["rate"] > 0 and ratio["paced_p50"] > 0 and ratio["paced_p99"] > 0
+    for replay in result["replay"]:
+        assert replay["events"] == 2000
+        for form in ("json", "text"):
+            assert replay[form]["exit"] == 0 and replay[form]["rate"] > 0
     assert "[bench" in run.stderr, "progress is shown"
+    (raw,) = tmp_path.glob("bench-*.json")
+    assert json.loads(raw.read_text())["rounds"] == result["rounds"]
+    page = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(raw)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert page.returncode == 0, page.stderr
+    assert page.stdout.startswith("# Performance") and "## Goals (issue 13)" in page.stdout
+    assert page.stdout.count("| exitpipe-sqlite |") == 2  # one row per round

@@ -15,7 +15,7 @@ import logging
 
 from consumers.amqp import ACK, Action, Delivery, Forward, dead_letter
 from consumers.observe import EVENTS, DecisionLog
-from consumers.policy import Decision, Policy, decide, to_transition
+from consumers.policy import Decision, Policy, decide, transition_body
 from consumers.senders import exit_problem, sender_of
 from schemas.codes import Action as Verdict
 from schemas.events import EXIT_SCHEMA, EXIT_SCHEMA_V1, BadMessage, ExitEvent, parse_body
@@ -57,7 +57,7 @@ class ClassifierHandler:
         if decision.action is Verdict.IGNORE:
             return ACK
         event_id = str(event.event_id)
-        body = to_transition(event, decision).to_json()
+        body = transition_body(event, decision)
         return Forward(self.names.jobs, self._keys[decision.action], body, event_id)
 
     def _log_decision(self, event: ExitEvent, decision: Decision) -> None:

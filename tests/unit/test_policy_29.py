@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.policy import BUILTINS, PolicyError, decide, parse_policy, to_transition
+from consumers.policy import (
+    BUILTINS,
+    PolicyError,
+    decide,
+    parse_policy,
+    to_transition,
+    transition_body,
+)
 from consumers.state import Job, apply
-from schemas.codes import Action, Code, JobStatus, Stage
+from schemas.codes import Action, Code, JobStatus, Launcher, Stage
 from schemas.events import EXIT_SCHEMA, EXIT_SCHEMA_V1, BadMessage, ExitEvent, parse_body
 from tests.strategies import T0
 from tests.unit.test_schemas import exit_dict
@@ -195,3 +203,50 @@ def test_a_rule_status_travels_in_the_transition_and_is_applied() -> None:
     assert again == transition and transition.target_status is ABN
     job, _ = apply(Job("job-1", S.RUNNING), transition, T0)
     assert job.status is ABN
+
+
+# -- the classifier's body is to_transition's model, written directly -------------------------
+
+REASONS = st.none() | st.text(
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=60
+)
+OFFSETS = st.integers(-23 * 60, 23 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+@given(
+    code=st.none() | st.sampled_from(list(Code)),
+    value=st.none() | st.integers(-(2**31), 2**31 - 1),
+    reason=REASONS,
+    launcher=st.none() | st.sampled_from(list(Launcher)),
+    stage=st.sampled_from(STAGES),
+    when=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30)),
+    tz=OFFSETS,
+    policy=st.sampled_from(sorted(BUILTINS)),
+)
+def test_transition_body_parses_to_exactly_to_transitions_model(
+    code: Code | None,
+    value: int | None,
+    reason: str | None,
+    launcher: Launcher | None,
+    stage: Stage | None,
+    when: datetime,
+    tz: timezone,
+    policy: str,
+) -> None:
+    if code is None and value is None:
+        value = 1
+    event = ExitEvent(
+        event_id=uuid.uuid4(),
+        job_id="job-1",
+        site="site-1",
+        code=code,
+        return_code=value,
+        reason=reason,
+        launcher=launcher,
+        stage=stage,
+        occurred_at=when.replace(tzinfo=tz),
+    )
+    decision = decide(event, BUILTINS[policy])
+    if decision.action is Action.IGNORE:
+        return
+    assert parse_body(transition_body(event, decision)) == to_transition(event, decision)

@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "archive",
     "dead",
     "config",
+    "nvflare",
 )
 
 # Flags that override EXITPIPE_* settings; every command accepts them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -11,12 +10,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.errors import redact as redact  # one redaction for the whole project
+from producers.spool import default_spool
 from schemas.topology import Topology, topology
-
-
-def _default_spool() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "exitpipe" / "spool"
 
 
 class Settings(BaseSettings):
@@ -42,7 +37,7 @@ class Settings(BaseSettings):
     )
     policy: str = Field("nvflare-2.8", description="Built-in policy name or a TOML policy file.")
     spool_dir: Path = Field(
-        default_factory=_default_spool,
+        default_factory=default_spool,
         description="Where report/launch keep events the broker could not take.",
     )
     heartbeat: int = Field(

@@ -29,6 +29,13 @@ from producers.publisher import Outgoing
 
 log = logging.getLogger(__name__)
 
+
+def default_spool() -> Path:
+    """``$XDG_STATE_HOME/exitpipe/spool`` (``~/.local/state/exitpipe/spool``)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "exitpipe" / "spool"
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 

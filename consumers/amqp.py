@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -429,7 +430,7 @@ class Consumer:
             props = _dead_letter_properties(delivery, action, self.config.queue, self._user_id)
         try:
             self._channel.basic_publish(exchange, key, body, props, mandatory=True)
-        except (TypeError, ValueError, UnicodeError):
+        except (TypeError, ValueError, UnicodeError, OverflowError, RecursionError, struct.error):
             if isinstance(action, Forward):
                 raise
             # The original headers do not encode again (pika reads more than it writes):

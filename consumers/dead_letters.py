@@ -13,8 +13,9 @@ queue, with its original routing key), waits for the broker's confirm, and only 
 dead letter: a crash in between leaves a copy in both places, which is safe because the
 store ignores an event id it has already applied. The message goes back as its original
 sender's: published under the operator's own ``user_id`` with that sender in
-``x-exitpipe-sender``, which the consumers believe from an operator and from nobody else
+``x-exitpipe-sender``, which the consumers believe from ``<ns>-operator`` and from nobody else
 (``consumers.senders``), so a requeued message is judged exactly as its first delivery was.
+Run as another user, the requeued messages are judged as that user's (``vouches`` says which).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pika
 import pika.exceptions
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from consumers.senders import dead_letter_sender
+from consumers.senders import dead_letter_sender, written_by_daemon
 from producers.errors import BrokerError, BrokerUnreachable, redact
 from producers.publisher import LOGIN_REFUSED, connection_parameters, describe
 from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER, Names
@@ -82,11 +83,14 @@ def dead_message(names: Names, tag: int, routing_key: str, props: Any, body: byt
     deaths = [d for d in headers.get("x-death") or () if isinstance(d, Mapping)]
     first = deaths[0] if deaths else {}
     keys = first.get("routing-keys") or [routing_key]
+    # exitpipe's headers are believed from a daemon only: on a message the broker
+    # dead-lettered, they are whatever its original publisher wrote.
+    ours = headers if written_by_daemon(names, props.user_id, headers) else {}
     return DeadMessage(
         tag=tag,
         message_id=props.message_id,
-        reason=_text(headers.get(ERROR_HEADER) or first.get("reason") or "unknown"),
-        source=_text(headers.get(SOURCE_HEADER) or first.get("queue")) or None,
+        reason=_text(ours.get(ERROR_HEADER) or first.get("reason") or "unknown"),
+        source=_text(ours.get(SOURCE_HEADER) or first.get("queue")) or None,
         count=sum(int(d.get("count", 0)) for d in deaths),
         routing_key=_text(keys[0]),
         body=body,
@@ -130,6 +134,11 @@ class DeadLetters:
         self._params.client_properties = {"connection_name": "exitpipe-dead-letters"}
         # The operator's login: requeued messages carry it as user_id (the broker checks it).
         self._user_id = getattr(self._params.credentials, "username", None) or None
+
+    @property
+    def vouches(self) -> bool:
+        """Whether consumers believe the original sender of what this user requeues."""
+        return self._user_id == self.names.operator_user
 
     def browse(self) -> list[DeadMessage]:
         """Every dead letter, left in the queue."""

@@ -109,11 +109,14 @@ class JobStateHandler:
         try:
             return self.process(batch)
         except Exception:
-            # A bug, not bad input (that is dead-lettered) nor an outage (that is retried):
-            # keep applying, and let the broker's delivery limit decide about these.
-            log.exception("batch of %d could not be processed; requeued", len(batch))
+            # A bug, not bad input (that is dead-lettered) nor an outage (that is retried).
+            # Keep applying: one by one, so that only what fails on its own goes back, and
+            # the broker's delivery limit decides about it.
+            log.exception("batch of %d could not be processed; one by one", len(batch))
             LOOP_ERRORS.labels("job-state").inc()
-            return [(d, Requeue()) for d in batch]
+            if len(batch) == 1:
+                return [(batch[0], Requeue())]
+            return [item for d in batch for item in self._process_safely([d])]
 
     def _next_batch(self) -> tuple[list[Delivery], bool]:
         first = self._queue.get()

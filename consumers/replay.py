@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
+
+import orjson
 from uuid import UUID
 
 from consumers.policy import Decision, Policy, decide, to_transition
@@ -218,7 +220,14 @@ def _line_event(line: bytes, checks: Checks) -> Event:
     obj = read_json(line)
     if isinstance(obj, dict) and "schema" not in obj and "body" in obj:
         return _enveloped(obj, checks)
+    _within_limit(len(line.rstrip(b"\r\n")))  # a bare body: the line is the body
     return parse_object(obj)
+
+
+def _within_limit(size: int) -> None:
+    # The live consumers refuse a body over the limit, so replay must not take it either.
+    if size > MAX_BODY_BYTES:
+        raise BadMessage(f"body: {size} bytes, over the limit of {MAX_BODY_BYTES}")
 
 
 def _enveloped(envelope: dict[str, object], checks: Checks) -> Event:
@@ -232,7 +241,9 @@ def _enveloped(envelope: dict[str, object], checks: Checks) -> Event:
         raise BadMessage("routing_key: the envelope needs the message's routing key")
     if sender is not None and not isinstance(sender, str):
         raise BadMessage("sender: must be a string or null")
-    event = parse_object(envelope["body"])
+    body = envelope["body"]
+    _within_limit(len(orjson.dumps(body)))  # at least its compact form, as export writes it
+    event = parse_object(body)
     names = checks.names if ns == checks.names.ns else Names(ns)
     problem = checks.refusal(names, key, event, sender)
     if problem:

@@ -7,13 +7,14 @@ with (a site only ``exit.<its site>``, the server only ``lifecycle.*``, the clas
 consumer, and replay, refuses a body that disagrees with its key before anything else.
 
 A dead letter sent back by ``exitpipe dead requeue`` is published by the operator, not by its
-original sender, so it carries that sender in the header ``x-exitpipe-sender``. A header is
-something any publisher can write, so it is believed only when the broker-checked ``user_id``
-is set and is none of the namespace's role users: a site, the server or a daemon cannot vouch
-for anyone, and their own ``user_id`` is always what counts for them. In the dead-letter
-queue the same header is believed from the daemons' users, which write it when they
-dead-letter a message (with their own ``user_id``); a message the broker dead-lettered keeps
-its original ``user_id``, which is then its sender.
+original sender, so it carries that sender in the header ``x-exitpipe-sender``. Any publisher
+can write a header, so it is believed from one user only: ``<ns>-operator``, whose
+``user_id`` the broker checks. From anyone else, the ``user_id`` is the sender.
+
+In the dead-letter queue the same header is written by the daemons (with their own
+``user_id``) when they dead-letter a message, and believed from them; a message the broker
+dead-lettered itself (the delivery limit; its ``x-death`` says so) keeps the original
+``user_id``, which is then its sender, and its reason and source come from ``x-death``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,26 @@ from schemas.topology import SENDER_HEADER, Names, route
 
 def sender_of(names: Names, user_id: str | None, headers: Mapping[str, Any] | None) -> str | None:
     """The authenticated sender of a message; None when nobody is."""
-    if not user_id or names.is_role_user(user_id) or not headers or SENDER_HEADER not in headers:
-        return user_id or None
-    return _vouched(headers)
+    if user_id == names.operator_user and headers and SENDER_HEADER in headers:
+        return _vouched(headers)
+    return user_id or None
+
+
+def written_by_daemon(names: Names, user_id: str | None, headers: Mapping[str, Any]) -> bool:
+    """Whether a dead letter was written by a daemon (else the broker dead-lettered it)."""
+    if user_id in (names.classifier_user, names.job_state_user):
+        return True
+    return "x-death" not in headers
 
 
 def dead_letter_sender(
     names: Names, user_id: str | None, headers: Mapping[str, Any] | None
 ) -> str | None:
     """The original sender of a message found in the dead-letter queue."""
-    if user_id in (names.classifier_user, names.job_state_user):
-        return _vouched(headers) if headers and SENDER_HEADER in headers else user_id
-    return sender_of(names, user_id, headers)
+    headers = headers or {}
+    if written_by_daemon(names, user_id, headers) and SENDER_HEADER in headers:
+        return _vouched(headers)
+    return user_id or None
 
 
 def _vouched(headers: Mapping[str, Any]) -> str | None:

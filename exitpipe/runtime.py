@@ -117,9 +117,12 @@ class Pipeline:
         return target
 
     def _fail(self, problem: str) -> None:
+        self._record(problem)
+        self.stop()
+
+    def _record(self, problem: str) -> None:
         if problem not in self._failures:
             self._failures.append(problem)
-        self.stop()
 
     def start(self) -> None:
         """Declare the topology (retrying while the broker is away) and start consuming."""
@@ -169,6 +172,8 @@ class Pipeline:
                 self._fail(f"job-state worker stopped: {self._job_state.failure!r}")
         if self._job_state is not None:
             self._job_state.stop()
+            if self._job_state.failure is not None:  # it may fail draining its last batch
+                self._record(f"job-state worker stopped: {self._job_state.failure!r}")
         if self.store is not None:
             self.store.close()
         if self._http is not None:

@@ -54,6 +54,7 @@ from tenacity import (
 )
 
 from producers.errors import BrokerError, BrokerUnreachable, PublishRefused, Unroutable, redact
+from producers.headers import tolerate_hostile_headers
 from producers.tls import connection_parameters as tls_parameters
 from schemas.events import Event
 from schemas.topology import Names, route
@@ -138,6 +139,7 @@ def connection_parameters(
 ) -> pika.URLParameters:
     """pika parameters for ``url`` (TLS as ``producers.tls`` sets it up), one connect attempt
     each, since retrying is ours; a bad URL or CA file is a BrokerError."""
+    tolerate_hostile_headers()  # every connection of exitpipe is made with these parameters
     try:
         params = tls_parameters(url, Path(ca_file) if ca_file else None, heartbeat)
     except ValueError as exc:

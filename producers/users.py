@@ -12,7 +12,13 @@ user                  read               write (exchange: keys)       configure
 <ns>-classifier       <ns>.classify      <ns>.jobs: transition.fail   nothing
                                          or .stop; <ns>.dead
 <ns>-job-state        <ns>.job-state     <ns>.dead                    nothing
+<ns>-operator         <ns>.dead-letters  <ns>.events, <ns>.jobs       nothing
+                      <ns>.archive       (any key: dead requeue)
 ====================  =================  ===========================  ==================
+
+The operator runs ``exitpipe dead``, ``replay`` and ``jobs show``; a dead letter it requeues
+keeps its original sender in ``x-exitpipe-sender``, which the consumers believe from this
+user only (``consumers.senders``).
 
 ``Rabbitmqctl`` applies them idempotently on a node: a missing user is created, an existing
 one keeps its password unless ``EXITPIPE_PASSWORD_<ROLE>`` gives one, and permissions are set
@@ -108,6 +114,14 @@ def grants(ns: str, sites: Sequence[str]) -> list[Grant]:
             (TopicGrant(n.jobs, r"^transition\.(fail|stop)$"),),
         ),
         Grant(n.job_state_user, "job-state", NOTHING, _exact(n.dead), _exact(n.job_state)),
+        Grant(
+            n.operator_user,
+            "operator",
+            NOTHING,
+            _exact(n.events, n.jobs),
+            _exact(n.dead_letters, n.archive),
+            (TopicGrant(n.events, ".*"), TopicGrant(n.jobs, ".*")),
+        ),
         Grant(
             n.server_user,
             "server",

@@ -79,8 +79,13 @@ def _rfc3339(value: Any) -> Any:
             parsed = datetime.fromisoformat(value.upper())  # RFC 3339 allows 't' and 'z'
         except ValueError:
             raise ValueError(f"{value!r} is not a real date and time") from None
-    # Zero offsets share the one UTC object, which keeps later normalisation free.
-    return parsed if parsed.utcoffset() else parsed.replace(tzinfo=UTC)
+    if not parsed.utcoffset():
+        return parsed.replace(tzinfo=UTC)  # one shared UTC object keeps later normalising free
+    try:
+        parsed.astimezone(UTC)  # 0001-01-01T00:00:00+01:00 is before the first UTC datetime
+    except OverflowError:
+        raise ValueError(f"{value!r} is out of range once converted to UTC") from None
+    return parsed
 
 
 def _storable(value: str) -> str:

@@ -93,12 +93,18 @@ class Names:
     def job_state_user(self) -> str:
         return f"{self.ns}-job-state"
 
+    @property
+    def operator_user(self) -> str:
+        """The one user whose ``x-exitpipe-sender`` is believed: it requeues dead letters."""
+        return f"{self.ns}-operator"
+
     def is_role_user(self, user: str) -> bool:
         """True for a user that ``topology --users`` made for one role of this namespace."""
         return user.startswith(self.site_prefix) or user in (
             self.server_user,
             self.classifier_user,
             self.job_state_user,
+            self.operator_user,
         )
 
 

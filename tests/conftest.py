@@ -104,3 +104,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         names = ", ".join(getattr(r, "nodeid", "?") for r in skipped[:5])
         reporter.write_line(f"CI: {len(skipped)} skipped test(s) count as failures: {names}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+class RawTimestamp(int):
+    """A header value sent as an AMQP timestamp (``T``) of any 64-bit value; pika itself only
+    sends datetimes, and cannot read one past year 9999 back."""
+
+
+@pytest.fixture
+def raw_timestamps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process publish ``RawTimestamp`` header values."""
+    import struct
+
+    import pika.data
+
+    encode = pika.data.encode_value
+
+    def encode_value(pieces: list[bytes], value: object) -> int:
+        if isinstance(value, RawTimestamp):
+            pieces.append(b"T" + struct.pack(">Q", int(value)))
+            return 9
+        return int(encode(pieces, value))
+
+    monkeypatch.setattr(pika.data, "encode_value", encode_value)

@@ -93,8 +93,16 @@ def _cells(message: DeadMessage) -> list[object]:
 def requeue_dead(args: argparse.Namespace, settings: Settings) -> int:
     """Send the chosen dead letters back; 1 if one was not found or could not go back."""
     wanted = args.message_id
+    queue = _queue(settings)
+    if not queue.vouches:
+        names = Names(settings.namespace)
+        print(
+            f"exitpipe dead requeue: not run as {names.operator_user}: the consumers will judge"
+            " the requeued messages as this user's, not as their original senders'",
+            file=sys.stderr,
+        )
     try:
-        results = _queue(settings).requeue(lambda m: args.all or m.message_id == wanted)
+        results = queue.requeue(lambda m: args.all or m.message_id == wanted)
     except BrokerError as exc:
         return _broker(exc)
     for message, what in results:

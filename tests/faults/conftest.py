@@ -189,7 +189,7 @@ def secured(rabbit: RabbitNode, tmp_path_factory: pytest.TempPathFactory) -> Ite
     setup.passwords = {
         m["user"]: m["password"] for m in map(_CREATED.match, done.stdout.splitlines()) if m
     }
-    expected = {setup.user(r) for r in ("classifier", "job-state", "server")}
+    expected = {setup.user(r) for r in ("classifier", "job-state", "server", "operator")}
     expected |= {setup.user(f"site-{s}") for s in SITES}
     assert set(setup.passwords) == expected, done.stdout
     time.sleep(4)  # RabbitMQ 3.10: let the quorum queues settle before any consumer

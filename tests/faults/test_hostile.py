@@ -18,6 +18,7 @@ could really send it, followed by good events. The test asserts that
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ from pika.spec import BasicProperties
 from consumers.store.factory import open_store
 from schemas.codes import Code, JobStatus
 from schemas.events import MAX_BODY_BYTES
+from schemas.topology import SENDER_HEADER
+from tests.conftest import RawTimestamp
 from tests.faults.conftest import SITES, Secured
 from tests.faults.harness import (
     Daemon,
@@ -121,6 +124,30 @@ def _hostile(secured: Secured) -> dict[str, tuple[str, str, bytes, str | None, d
             {},
         ),
         "ttl": (site_a, "exit.site-a", b"{not json", "body: not JSON", {"expiration": "1000"}),
+        # A forged sender header from a site (only the operator's is believed).
+        "spoof-header": (
+            site_a,
+            "exit.site-a",
+            spoof,
+            "site: event names 'site-b'",
+            {"user": 1, "headers": {SENDER_HEADER: secured.user("site-site-b")}},
+        ),
+        # A header pika cannot decode (a timestamp past year 9999) on a bad body.
+        "undecodable-header": (
+            site_a,
+            "exit.site-a",
+            b"{bad",
+            "body: not JSON",
+            {"headers": {"evil": RawTimestamp(2**64 - 1)}},
+        ),
+        # A time that overflows once converted to UTC (it used to kill job-state's batches).
+        "time-overflow": (
+            site_a,
+            "exit.site-a",
+            _exit("h-1", "site-a", occurred_at="0001-01-01T00:00:00+01:00"),
+            "occurred_at:",
+            {},
+        ),
         # ... and on the jobs exchange, as the server.
         "transition-as-lifecycle": (
             server,
@@ -166,6 +193,7 @@ def _reach(store_url: str, job: str, status: JobStatus) -> Callable[[], bool]:
     return lambda: _status(store_url, job) is status
 
 
+@pytest.mark.usefixtures("raw_timestamps")
 def test_hostile_publishers_change_nothing_and_the_daemons_keep_applying(
     secured: Secured, pg_store_url: str
 ) -> None:
@@ -194,6 +222,7 @@ def test_hostile_publishers_change_nothing_and_the_daemons_keep_applying(
                 props["user_id"] = secured.user(role)
             exchange = exchanges["exit" if key.startswith("exit.") else "life"]
             sent[name] = _publish(secured.url(role), exchange, key, body, **props)
+        ttl_sent = time.monotonic()
 
         # Good events after the hostile ones: both daemons must still be applying.
         done = secured.cli(
@@ -209,6 +238,8 @@ def test_hostile_publishers_change_nothing_and_the_daemons_keep_applying(
         wait_for(_reach(store, "h-3", JobStatus.FINISHED_COMPLETED), 30, "h-3 completes")
         assert classifier.alive() and job_state.alive()
 
+        # Past the 1 s expiration the "ttl" message carried: its dead letter must still be there.
+        wait_for(lambda: time.monotonic() - ttl_sent > 1.5, 5, "the original's expiration")
         letters = {d.message_id: d for d in wait_for(
             lambda: _all_dead(admin, secured, len(hostile)), 30, "every hostile dead letter"
         )}  # fmt: skip
@@ -218,13 +249,13 @@ def test_hostile_publishers_change_nothing_and_the_daemons_keep_applying(
             assert letter.x_death is None, f"{name}: dead-lettered by the limit, not at once"
         assert _status(store, "h-1") is JobStatus.RUNNING, "a hostile message took effect"
 
-        # The administrator sends every dead letter back: each spoof is refused again.
-        done = secured.cli("dead", "requeue", "--all")
+        # The operator sends every dead letter back: each spoof is refused again.
+        done = secured.cli("dead", "requeue", "--all", role="operator")
         assert done.returncode == 0, done.stderr
         again = {d.message_id: d for d in wait_for(
             lambda: _all_dead(admin, secured, len(hostile)), 30, "the spoofs refused again"
         )}  # fmt: skip
-        for name in ("spoof-body", "spoof-user", "transition-as-lifecycle"):
+        for name in ("spoof-body", "spoof-user", "spoof-header", "transition-as-lifecycle"):
             assert again[sent[name]].error == letters[sent[name]].error, name
         assert _status(store, "h-1") is JobStatus.RUNNING
         drain_dead(admin, names)
@@ -263,14 +294,26 @@ def _a_legitimate_exit_requeued_gets_through(secured: Secured, store: str, logs:
         "job-state", secured.env("job-state", EXITPIPE_STORE=store), logs / "job-state-2.log"
     )
     with daemons(classifier, job_state):
-        done = secured.cli("dead", "requeue", "--all")
+        done = secured.cli("dead", "requeue", "--all", role="operator")
         assert done.returncode == 0, done.stderr
         wait_for(
             _reach(store, "h-4", JobStatus.FINISHED_EXECUTION_EXCEPTION),
             30,
             "the requeued legitimate exit to fail h-4",
         )
-    assert not drain_dead(admin, names)
+        # An administrator (no role user) cannot vouch with the header: refused as its own.
+        forged = _publish(
+            admin,
+            names.events,
+            "exit.site-b",
+            _exit("h-5", "site-b"),
+            user_id="guest",
+            headers={SENDER_HEADER: secured.user("site-site-b")},
+        )
+        (letter,) = wait_for(lambda: drain_dead(admin, names), 30, "the forged header's letter")
+        assert letter.message_id == forged
+        assert letter.error is not None and "(user 'guest') is not a site user" in letter.error
+    assert _status(store, "h-5") is None
 
 
 def _exhaust_delivery_limit(admin: str, queue: str) -> None:

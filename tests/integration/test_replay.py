@@ -164,6 +164,9 @@ def test_replay_windows_and_one_job(amqp_url: str, demo: tuple[str, str]) -> Non
     assert one.returncode == 0
     assert "not_reported" in one.stdout and "final status: FINISHED:COMPLETED" in one.stdout
     assert set(re.findall(rf"{re.escape(namespace)}-[\w-]+", one.stdout)) == {job}
+    nothing = _exitpipe("replay", "--job", "no-such-job", env=env)
+    assert nothing.returncode == 0, "1 means only that policies differ"
+    assert "no event of job 'no-such-job' was read" in nothing.stderr
     missing = _exitpipe("replay", "--namespace", f"none-{uuid.uuid4().hex[:6]}", env=env)
     assert missing.returncode == 2 and "no archive stream" in missing.stderr
 

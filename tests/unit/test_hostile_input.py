@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from consumers.amqp import DeadLetter, Delivery, Forward
 from consumers.classifier import ClassifierHandler
+from consumers.dead_letters import dead_message, route_back
 from consumers.policy import BUILTINS
 from consumers.replay import Checks, Unreadable, parse_archived, parse_lines
 from consumers.senders import dead_letter_sender, exit_problem, job_event_problem, sender_of
@@ -156,14 +157,20 @@ def test_a_transition_under_a_lifecycle_key_is_refused() -> None:
     assert job_event_problem(NAMES, "transition.fail", event, None) is None
 
 
-def test_the_sender_header_is_believed_from_an_operator_only() -> None:
+def test_the_sender_header_is_believed_from_the_operator_only() -> None:
     vouching = {SENDER_HEADER: SITE_B}
-    assert sender_of(NAMES, SITE_A, vouching) == SITE_A  # a site cannot vouch
-    assert sender_of(NAMES, NAMES.server_user, vouching) == NAMES.server_user
-    assert sender_of(NAMES, None, vouching) is None  # nor can an unauthenticated publisher
-    assert sender_of(NAMES, "admin", vouching) == SITE_B  # the operator's requeue
-    assert sender_of(NAMES, "admin", {SENDER_HEADER: ""}) is None
-    assert sender_of(NAMES, "admin", None) == "admin"
+    assert sender_of(NAMES, NAMES.operator_user, vouching) == SITE_B  # dead requeue
+    assert sender_of(NAMES, NAMES.operator_user, {SENDER_HEADER: ""}) is None
+    assert sender_of(NAMES, NAMES.operator_user, None) == NAMES.operator_user
+    # Nobody else can vouch: not a site, not the server, not an administrator, not guest.
+    for user in (SITE_A, NAMES.server_user, NAMES.classifier_user, "admin", "guest"):
+        assert sender_of(NAMES, user, vouching) == user
+    assert sender_of(NAMES, None, vouching) is None
+
+
+def test_a_forged_sender_header_gets_no_exit_past_require_site_user() -> None:
+    forged = sender_of(NAMES, "guest", {SENDER_HEADER: SITE_B})
+    assert exit_problem(NAMES, "exit.site-b", exit_of("site-b"), forged, True) is not None
 
 
 def test_a_dead_letter_keeps_its_original_sender() -> None:
@@ -171,8 +178,25 @@ def test_a_dead_letter_keeps_its_original_sender() -> None:
     by_daemon = dead_letter_sender(NAMES, NAMES.classifier_user, {SENDER_HEADER: SITE_A})
     assert by_daemon == SITE_A
     # ... or by the broker's delivery limit (the original user_id, a forged header ignored).
-    assert dead_letter_sender(NAMES, SITE_A, {SENDER_HEADER: SITE_B}) == SITE_A
-    assert dead_letter_sender(NAMES, None, {SENDER_HEADER: SITE_B}) is None
+    death = {"x-death": [{"count": 5, "reason": "delivery_limit"}]}
+    assert dead_letter_sender(NAMES, SITE_A, {SENDER_HEADER: SITE_B, **death}) == SITE_A
+    assert dead_letter_sender(NAMES, None, {SENDER_HEADER: SITE_B, **death}) is None
+
+
+def test_a_dead_letter_of_the_broker_is_read_from_x_death_not_from_forged_headers() -> None:
+    headers = {
+        "x-death": [{"count": 5, "reason": "delivery_limit", "queue": NAMES.classify}],
+        "x-exitpipe-error": "forged reason",
+        "x-exitpipe-source": NAMES.job_state,
+    }
+    props = SimpleNamespace(headers=headers, message_id="m", user_id=SITE_A)
+    message = dead_message(NAMES, 1, "exit.site-a", props, b"{}")
+    assert (message.reason, message.source, message.sender) == (
+        "delivery_limit",
+        NAMES.classify,
+        SITE_A,
+    )
+    assert route_back(NAMES, message) == (NAMES.events, "exit.site-a")
 
 
 def _delivery(raw: bytes, key: str, user_id: str | None = None, headers: Any = None) -> Delivery:
@@ -293,3 +317,58 @@ def test_replay_of_a_file_reports_unreadable_lines_and_carries_on(tmp_path: Any)
     named = [line for line in done.stderr.splitlines() if line.endswith("(skipped)")]
     assert len(named) == 10  # the first reasons, then only a count
     assert "15 unreadable or refused input(s) skipped" in done.stderr
+
+
+# -- raw JSON text: what json.dumps never writes ---------------------------------------------
+
+RAW_SCALARS = st.one_of(
+    st.integers(1, 6000).map(lambda n: "9" * n),  # past 4,300 digits json.loads raises
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-0", "1.5", "true", "null"]),
+    st.text(max_size=20).map(lambda t: json.dumps(t)),
+    st.sampled_from(['"\\ud800"', '"\\u0000"', '"a\\"b"']),
+    st.builds(
+        lambda year, minutes, sign: json.dumps(
+            f"{year:04d}-12-31T23:59:59{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+        ),
+        st.sampled_from([1, 2, 1970, 9998, 9999]),
+        st.integers(0, 23 * 60 + 59),
+        st.sampled_from(["+", "-"]),
+    ),
+)
+RAW_KEYS = st.sampled_from(
+    ["schema", "event_id", "job_id", "site", "\\u0073ite", "code", "return_code",
+     "occurred_at", "stage", "reason", "x"]
+)  # fmt: skip
+
+
+@st.composite
+def raw_exit(draw: st.DrawFn) -> bytes:
+    """An exit event's JSON text with raw members added or repeated, keys escaped."""
+    members = [
+        f'"{k}": {json.dumps(v)}'
+        for k, v in exit_dict().items()
+        if not (k == "schema" and draw(st.booleans()))
+    ]
+    extra = draw(st.lists(st.tuples(RAW_KEYS, RAW_SCALARS), max_size=4))
+    members += [f'"{k}": {v}' for k, v in extra]
+    order = draw(st.permutations(members))
+    return ("{" + ", ".join(order) + "}").encode()
+
+
+@settings(max_examples=500)
+@given(raw_exit())
+def test_any_raw_json_text_gives_an_event_or_a_reason(raw: bytes) -> None:
+    _event_or_reason(raw)
+
+
+@given(raw_exit(), st.sampled_from([b"", b" ", b"\n", b"\xef\xbb\xbf", b"[", b"}"]))
+def test_raw_text_with_stray_bytes_gives_an_event_or_a_reason(raw: bytes, stray: bytes) -> None:
+    _event_or_reason(stray + raw)
+    _event_or_reason(raw + stray)
+
+
+@settings(max_examples=300)
+@given(st.lists(raw_exit(), max_size=6))
+def test_replay_reads_any_raw_lines_into_events_or_reasons(raw: list[bytes]) -> None:
+    for item in parse_lines([line + b"\n" for line in raw], CHECKS):
+        assert isinstance(item, Unreadable) or item.event_id is not None

@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
+from uuid import UUID
 
 import orjson
-from uuid import UUID
 
 from consumers.policy import Decision, Policy, decide, to_transition
 from consumers.senders import refusal, sender_of

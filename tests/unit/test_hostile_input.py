@@ -372,3 +372,41 @@ def test_raw_text_with_stray_bytes_gives_an_event_or_a_reason(raw: bytes, stray:
 def test_replay_reads_any_raw_lines_into_events_or_reasons(raw: list[bytes]) -> None:
     for item in parse_lines([line + b"\n" for line in raw], CHECKS):
         assert isinstance(item, Unreadable) or item.event_id is not None
+
+
+def test_replay_refuses_a_body_over_the_limit_as_the_live_consumers_do() -> None:
+    padded = body(exit_dict()).replace(b", ", b"," + b" " * 11_000)  # legal JSON, too long
+    assert 64 * 1024 < len(padded) < 64 * 1024 + 2048  # within a line's room for an envelope
+    (item,) = parse_lines([padded + b"\n"], CHECKS)
+    assert isinstance(item, Unreadable) and item.reason.startswith("body: ")
+    assert "over the limit" in item.reason
+
+
+class _PoisonedStore:
+    """A memory store on which one event raises a bug (not a StoreError) in any batch."""
+
+    def __init__(self, poison: str) -> None:
+        from consumers.store.memory import MemoryStore
+
+        self.inner = MemoryStore()
+        self.poison = poison
+
+    def apply_batch(self, events: Any) -> Any:
+        if any(str(e.event_id) == self.poison for e in events):
+            raise RuntimeError("a bug on this event")
+        return self.inner.apply_batch(events)
+
+
+def test_a_batch_that_raises_is_retried_one_by_one_and_only_the_culprit_requeued() -> None:
+    from consumers.amqp import Ack, Requeue
+    from consumers.job_state import JobStateHandler
+
+    events = [transition(f"job-{n}", "site-1") for n in range(5)]
+    store = _PoisonedStore(str(events[2].event_id))
+    handler = JobStateHandler(store, NAMES)  # type: ignore[arg-type]
+    batch = [_delivery(e.to_json(), "transition.fail") for e in events]
+    settled = handler._process_safely(batch)
+    assert [type(action) for _, action in settled] == [Ack, Ack, Requeue, Ack, Ack]
+    assert [store.inner.get(f"job-{n}") is not None for n in range(5)] == [
+        True, True, False, True, True
+    ]  # fmt: skip

@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "dead",
     "config",
     "nvflare",
+    "web",
 )
 
 # Flags that override EXITPIPE_* settings; every command accepts them.

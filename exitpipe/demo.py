@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from consumers.explain import why
 from consumers.policy import Policy, decide, load_policy
 from consumers.store import JobView, Store
 from consumers.store.factory import open_store
@@ -216,17 +217,6 @@ def _wait(
         if time.monotonic() > deadline:
             raise TimeoutError(f"not every event was applied within {timeout:.0f}s ({what})")
         time.sleep(0.05)
-
-
-def why(job: JobView) -> str:
-    """The history row that gave the job its final status, in words."""
-    for row in reversed(job.history):
-        if row.outcome.value == "applied" and row.status_after == job.status:
-            if row.kind == "lifecycle":
-                return f"server verdict {row.action}"
-            rule = f"{row.policy.name}:{row.policy.rule}" if row.policy else "?"
-            return f"{row.action} by {rule} ({row.site} {row.code} rc={row.return_code})"
-    return "-"
 
 
 def _notes(story: Story, job: JobView, policy: Policy) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.errors import redact as redact  # one redaction for the whole project
@@ -70,6 +70,17 @@ class Settings(BaseSettings):
         False,
         description="Classifier: dead-letter exit events not sent by a site user"
         " `<ns>-site-<site>` (set where every launcher has its own broker user).",
+    )
+
+    web_token: SecretStr | None = Field(
+        None,
+        description="Token the web dashboard asks for (Authorization: Bearer, or ?token= once);"
+        " required to bind `exitpipe web` to anything but loopback.",
+    )
+    web_metrics: str | None = Field(
+        None,
+        description="Comma-separated /metrics URLs of the daemons, for the dashboard's health"
+        " page (http://127.0.0.1:9101/metrics,...).",
     )
 
     @field_validator("amqp_url")

@@ -12,6 +12,8 @@ Errors::
 
 from __future__ import annotations
 
+import builtins
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,17 +61,17 @@ class JobView:
 def server_status(history: Sequence[HistoryRow]) -> JobStatus | None:
     """The status of the first lifecycle FINISHED:* row of a job's history."""
     for row in history:
-        if row.kind == "lifecycle" and row.action.startswith(FINISHED):
+        if is_verdict(row):
             return JobStatus(row.action)
     return None
 
 
+def is_verdict(row: HistoryRow) -> bool:
+    """True for a lifecycle FINISHED:* row: the server's own verdict on its job."""
+    return row.kind == "lifecycle" and row.action.startswith(FINISHED)
+
+
 FINISHED = "FINISHED:"
-# SQL for the same, per job, in both SQL stores (history_job_seq makes it one index probe).
-SERVER_STATUS_SQL = (
-    "(SELECT h.action FROM history h WHERE h.job_id = jobs.job_id AND h.kind = 'lifecycle'"
-    " AND substr(h.action, 1, 9) = 'FINISHED:' ORDER BY h.seq LIMIT 1)"
-)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,44 @@ class JobSummary:
             "server_status": self.server_status.value if self.server_status else None,
             "updated_at": self.updated_at.isoformat().replace("+00:00", "Z"),
         }
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of jobs ends: the last job it showed (keyset pagination)."""
+
+    updated_at: datetime
+    job_id: str
+
+
+@dataclass(frozen=True)
+class PageQuery:
+    """One page of ``Store.page``: filters, where the previous page ended, and a size.
+
+    Without ``prefix`` a page lists the most recently updated jobs first; with it, the jobs
+    whose id starts with ``prefix``, in job id order (code point order in every store). Both
+    orders are index orders, so a page costs the same on the first page and the thousandth.
+    """
+
+    status: JobStatus | None = None
+    disagreements: bool = False
+    prefix: str = ""
+    after: Cursor | None = None
+    size: int = 50
+
+
+def prefix_bounds(prefix: str) -> tuple[str, str] | None:
+    """The id range ``[low, high)`` of the ids starting with ``prefix``; None if none can.
+
+    Job ids are ASCII (DESIGN 3), so bumping the last character of the prefix gives the
+    first id past every match, and the range is an index range in every store.
+    """
+    if not JOB_ID_CHARS.fullmatch(prefix):
+        return None
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+JOB_ID_CHARS = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +163,10 @@ class Store(Protocol):
     ) -> list[JobSummary]:
         """Jobs, optionally only those in ``status`` or whose server verdict differs, oldest
         update first."""
+        ...
+
+    def page(self, query: PageQuery) -> builtins.list[JobSummary]:
+        """At most ``query.size`` jobs after ``query.after``, each page read through an index."""
         ...
 
     def close(self) -> None:

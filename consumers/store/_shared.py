@@ -7,13 +7,13 @@ Every store keeps and returns times in UTC, so the same events give equal rows (
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from consumers.state import HistoryRow, Job, Outcome
-from consumers.store import StoreError
+from consumers.store import PageQuery, StoreError, prefix_bounds
 from schemas.codes import JobStatus
 from schemas.events import PolicyRef
 
@@ -134,3 +134,68 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "<unparsable URL>"
+
+
+# A job disagrees when the server's verdict is known and differs. Written the same way in the
+# queries and in the partial index that serves them: SQLite uses a partial index only for a
+# query that repeats its WHERE terms.
+DISAGREES = "server_status IS NOT NULL AND server_status <> status"
+
+
+@dataclass(frozen=True)
+class PageSql:
+    """How one SQL dialect writes a page query."""
+
+    mark: Callable[[str], str]  # a named parameter: ":name" or "%(name)s"
+    time: Callable[[datetime], Any]  # a cursor's time as the column holds it
+    job_id: str = "job_id"  # the job id as it is ordered (PostgreSQL: in the "C" collation)
+    where: tuple[str, ...] = ()  # conditions every page has
+    # A column as a condition that must not pick the index (SQLite's unary +): with a prefix
+    # the job id's own index must serve the page, or the planner may sort every match.
+    unindexed: Callable[[str], str] = str
+
+
+def page_query(query: PageQuery, sql: PageSql) -> tuple[str, dict[str, Any]] | None:
+    """``WHERE .. ORDER BY .. LIMIT ..`` of one page, and its parameters; None if none match.
+
+    Every page is read in the order of an index (see the stores' migrations) and stops after
+    ``size`` rows: (updated_at, job_id), (status, updated_at, job_id), the partial index of
+    the disagreeing jobs, or, with a prefix, the job id's own index from the cursor on.
+    """
+    check_limit(query.size)
+    m, job_id, after = sql.mark, sql.job_id, query.after
+    where = list(sql.where)
+    values: dict[str, Any] = {"size": query.size}
+    col = sql.unindexed if query.prefix else str
+    if query.status is not None:
+        # With disagreements asked for, their (small) partial index serves the page instead.
+        status = sql.unindexed("status") if query.disagreements else col("status")
+        where.append(f"{status} = {m('status')}")
+        values["status"] = query.status.value
+    if query.disagreements:
+        where.append(DISAGREES if not query.prefix else _disagrees(col))
+    if query.prefix:
+        bounds = prefix_bounds(query.prefix)
+        if bounds is None:
+            return None
+        low, values["high"] = bounds
+        # One lower bound, so that the index range starts at the cursor, not at the prefix.
+        if after is not None and after.job_id >= low:
+            where.append(f"{job_id} > {m('low')}")
+            values["low"] = after.job_id
+        else:
+            where.append(f"{job_id} >= {m('low')}")
+            values["low"] = low
+        where.append(f"{job_id} < {m('high')}")
+        order = job_id
+    else:
+        if after is not None:
+            where.append(f"(updated_at, {job_id}) < ({m('after_at')}, {m('after_id')})")
+            values["after_at"], values["after_id"] = sql.time(after.updated_at), after.job_id
+        order = f"updated_at DESC, {job_id} DESC"
+    text = f"WHERE {' AND '.join(where) or 'TRUE'} ORDER BY {order} LIMIT {m('size')}"
+    return text, values
+
+
+def _disagrees(col: Callable[[str], str]) -> str:
+    return f"{col('server_status')} IS NOT NULL AND {col('server_status')} <> status"

@@ -15,7 +15,7 @@ from datetime import datetime
 from uuid import UUID
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
-from consumers.store import Applied, JobSummary, JobView, server_status
+from consumers.store import Applied, JobSummary, JobView, PageQuery, prefix_bounds, server_status
 from consumers.store._shared import Clock, check_limit, normalised, utc, utc_now
 from schemas.codes import JobStatus
 
@@ -110,6 +110,23 @@ class MemoryStore:
         if disagreements:
             summaries = [s for s in summaries if s.disagrees]
         return summaries[:limit]
+
+    def page(self, query: PageQuery) -> builtins.list[JobSummary]:
+        """One page of jobs, in the order the SQL stores read from their indexes."""
+        check_limit(query.size)
+        jobs = self.list(status=query.status, disagreements=query.disagreements)
+        after = query.after
+        if query.prefix:
+            bounds = prefix_bounds(query.prefix)
+            low, high = bounds if bounds else ("", "")
+            jobs = sorted((j for j in jobs if low <= j.job_id < high), key=lambda j: j.job_id)
+            jobs = [j for j in jobs if after is None or j.job_id > after.job_id]
+        else:
+            jobs.reverse()  # newest update first
+            if after is not None:
+                key = (utc(after.updated_at), after.job_id)
+                jobs = [j for j in jobs if (j.updated_at, j.job_id) < key]
+        return jobs[: query.size]
 
     def _summary(self, record: _JobRecord) -> JobSummary:
         history = [self._rows[e] for e in self._order.get(record.job.job_id, ())]

@@ -30,19 +30,22 @@ from psycopg.types.json import Jsonb
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
 from consumers.store import (
-    SERVER_STATUS_SQL,
     Applied,
     JobSummary,
     JobView,
+    PageQuery,
     StoreError,
     StoreUnavailable,
+    is_verdict,
 )
 from consumers.store._shared import (
     HISTORY_COLUMNS,
     Clock,
+    PageSql,
     check_limit,
     job_from,
     normalised,
+    page_query,
     redact_url,
     row_from,
     row_values,
@@ -82,6 +85,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX history_job_seq ON history (job_id, seq)",
         "CREATE INDEX jobs_status_updated ON jobs (status, updated_at)",
     ),
+    (
+        # 2: the server's verdict kept with the job (set on apply), and an index behind
+        # every page of the dashboard. Job ids are ordered in the "C" collation, as SQLite
+        # and the memory store order them, whatever the database's default collation.
+        "ALTER TABLE jobs ADD COLUMN server_status TEXT",
+        """UPDATE jobs SET server_status = (
+            SELECT h.action FROM history h WHERE h.job_id = jobs.job_id
+            AND h.kind = 'lifecycle' AND substr(h.action, 1, 9) = 'FINISHED:'
+            ORDER BY h.seq LIMIT 1
+        )""",
+        "DROP INDEX jobs_status_updated",
+        'CREATE INDEX jobs_status_page ON jobs (status, updated_at, job_id COLLATE "C")',
+        'CREATE INDEX jobs_updated ON jobs (updated_at, job_id COLLATE "C")',
+        'CREATE INDEX jobs_disagree ON jobs (updated_at, job_id COLLATE "C") '
+        "WHERE server_status IS NOT NULL AND server_status <> status",
+        'CREATE INDEX jobs_id_c ON jobs (job_id COLLATE "C")',
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _COLUMNS = ", ".join(HISTORY_COLUMNS)
@@ -106,6 +126,13 @@ _LOCK_JOBS = (
 _SEEN_ROWS = f"SELECT {_COLUMNS} FROM history WHERE event_id = ANY(%s::uuid[])"
 _INSERT_NEW = _INSERT_ROW.removesuffix(" RETURNING seq")
 _ADD_DUPLICATES = "UPDATE history SET duplicates = duplicates + %s WHERE event_id = %s"
+# The first verdict recorded wins: later ones find the column set.
+_SET_VERDICT = "UPDATE jobs SET server_status = %s WHERE job_id = %s AND server_status IS NULL"
+_SUMMARY = "SELECT job_id, status, updated_at, server_status FROM jobs"
+_ID = 'job_id COLLATE "C"'
+_PAGE = PageSql(
+    mark=lambda name: f"%({name})s", time=utc, job_id=_ID, where=("status IS NOT NULL",)
+)
 # Per schema, so stores in different schemas of one database do not wait for each other.
 _MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('exitpipe.schema:' || current_schema()))"
 
@@ -258,6 +285,9 @@ class PostgresStore:
                 cur.executemany(_ADD_DUPLICATES, [(n, i) for i, n in repeats.items()])
             if touched:
                 cur.executemany(_UPDATE_JOB, [_job_params(j, now) for j in touched.values()])
+            verdicts = [(row.action, row.job_id) for row in new_rows if is_verdict(row)]
+            if verdicts:
+                cur.executemany(_SET_VERDICT, verdicts)
         conn.execute("DELETE FROM jobs WHERE job_id = ANY(%s) AND status IS NULL", (job_ids,))
         return results
 
@@ -293,6 +323,8 @@ class PostgresStore:
         sites = Jsonb(list(after.sites)) if after.sites is not None else None
         status = after.status.value if after.status else None
         conn.execute(_UPDATE_JOB, (status, sites, now, after.job_id))
+        if is_verdict(row):
+            conn.execute(_SET_VERDICT, (row.action, row.job_id))
         return Applied(row=normalised(row), duplicate=False)
 
     @staticmethod
@@ -336,20 +368,36 @@ class PostgresStore:
         check_limit(limit)
         with self._session() as conn:
             records = conn.execute(
-                "SELECT * FROM (SELECT job_id, status, updated_at, "
-                f"{SERVER_STATUS_SQL} AS server_status FROM jobs WHERE status IS NOT NULL "
-                "AND (%(s)s::text IS NULL OR status = %(s)s)) AS j "
-                "WHERE NOT %(d)s OR server_status IS DISTINCT FROM status "
-                "AND server_status IS NOT NULL "
-                "ORDER BY updated_at, job_id LIMIT %(n)s",
+                f"{_SUMMARY} WHERE status IS NOT NULL "
+                "AND (%(s)s::text IS NULL OR status = %(s)s) "
+                "AND (NOT %(d)s OR server_status IS DISTINCT FROM status "
+                "AND server_status IS NOT NULL) "
+                f"ORDER BY updated_at, {_ID} LIMIT %(n)s",
                 {"s": status.value if status else None, "n": limit, "d": disagreements},
             ).fetchall()
-        return [
-            JobSummary(
-                r["job_id"],
-                status_or_none(r["status"]),
-                utc(r["updated_at"]),
-                status_or_none(r["server_status"]),
-            )
-            for r in records
-        ]
+        return [_summary(r) for r in records]
+
+    def page(self, query: PageQuery) -> builtins.list[JobSummary]:
+        """One page of jobs, read in the order of an index (``PageQuery``)."""
+        found = page_statement(query)
+        if found is None:
+            return []
+        sql, values = found
+        with self._session() as conn:
+            records = conn.execute(sql, values).fetchall()
+        return [_summary(r) for r in records]
+
+
+def page_statement(query: PageQuery) -> tuple[str, dict[str, Any]] | None:
+    """The SQL of one page and its parameters (None when no job can match): for EXPLAIN."""
+    found = page_query(query, _PAGE)
+    return (f"{_SUMMARY} {found[0]}", found[1]) if found else None
+
+
+def _summary(record: DictRow) -> JobSummary:
+    return JobSummary(
+        record["job_id"],
+        status_or_none(record["status"]),
+        utc(record["updated_at"]),
+        status_or_none(record["server_status"]),
+    )

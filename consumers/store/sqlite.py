@@ -22,19 +22,22 @@ from typing import Any
 
 from consumers.state import HistoryRow, Job, JobEvent, apply
 from consumers.store import (
-    SERVER_STATUS_SQL,
     Applied,
     JobSummary,
     JobView,
+    PageQuery,
     StoreError,
     StoreUnavailable,
+    is_verdict,
 )
 from consumers.store._shared import (
     HISTORY_COLUMNS,
     Clock,
+    PageSql,
     check_limit,
     job_from,
     normalised,
+    page_query,
     row_from,
     row_values,
     status_or_none,
@@ -73,6 +76,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX history_job_seq ON history (job_id, seq)",
         "CREATE INDEX jobs_status_updated ON jobs (status, updated_at)",
     ),
+    (
+        # 2: the server's verdict kept with the job (set on apply), and an index behind
+        # every page of the dashboard: by update, by status, the disagreeing jobs.
+        "ALTER TABLE jobs ADD COLUMN server_status TEXT",
+        """UPDATE jobs SET server_status = (
+            SELECT h.action FROM history h WHERE h.job_id = jobs.job_id
+            AND h.kind = 'lifecycle' AND substr(h.action, 1, 9) = 'FINISHED:'
+            ORDER BY h.seq LIMIT 1
+        )""",
+        "DROP INDEX jobs_status_updated",
+        "CREATE INDEX jobs_status_page ON jobs (status, updated_at, job_id)",
+        "CREATE INDEX jobs_updated ON jobs (updated_at, job_id)",
+        "CREATE INDEX jobs_disagree ON jobs (updated_at, job_id) "
+        "WHERE server_status IS NOT NULL AND server_status <> status",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _UNAVAILABLE = ("locked", "busy", "unable to open")
@@ -86,6 +104,12 @@ _UPSERT_JOB = (
     "updated_at = excluded.updated_at"
 )
 _SELECT_ROW = f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history"
+# The first verdict recorded wins: later ones find the column set.
+_SET_VERDICT = "UPDATE jobs SET server_status = ? WHERE job_id = ? AND server_status IS NULL"
+_SUMMARY = "SELECT job_id, status, updated_at, server_status FROM jobs"
+_PAGE = PageSql(
+    mark=lambda name: f":{name}", time=lambda t: _text_time(t), unindexed=lambda c: f"+{c}"
+)
 
 
 def _text_time(value: datetime) -> str:
@@ -245,6 +269,9 @@ class SqliteStore:
                 )
             if touched:
                 db.executemany(_UPSERT_JOB, [self._job_params(j, now) for j in touched.values()])
+            verdicts = [(row.action, row.job_id) for row in new_rows if is_verdict(row)]
+            if verdicts:
+                db.executemany(_SET_VERDICT, verdicts)
             return results
 
     @staticmethod
@@ -302,19 +329,34 @@ class SqliteStore:
         check_limit(limit)
         with self._transaction("BEGIN") as db:
             records = db.execute(
-                "SELECT * FROM (SELECT job_id, status, updated_at, "
-                f"{SERVER_STATUS_SQL} AS server_status FROM jobs "
-                "WHERE ?1 IS NULL OR status = ?1) "
-                "WHERE NOT ?3 OR (server_status IS NOT NULL AND server_status IS NOT status) "
+                f"{_SUMMARY} WHERE (?1 IS NULL OR status = ?1) "
+                "AND (NOT ?3 OR (server_status IS NOT NULL AND server_status IS NOT status)) "
                 "ORDER BY updated_at, job_id LIMIT ?2",
                 (status.value if status else None, -1 if limit is None else limit, disagreements),
             ).fetchall()
-        return [
-            JobSummary(
-                r["job_id"],
-                status_or_none(r["status"]),
-                _parse_time(r["updated_at"]),
-                status_or_none(r["server_status"]),
-            )
-            for r in records
-        ]
+        return [_summary(r) for r in records]
+
+    def page(self, query: PageQuery) -> builtins.list[JobSummary]:
+        """One page of jobs, read in the order of an index (``PageQuery``)."""
+        found = page_statement(query)
+        if found is None:
+            return []
+        sql, values = found
+        with self._transaction("BEGIN") as db:
+            records = db.execute(sql, values).fetchall()
+        return [_summary(r) for r in records]
+
+
+def page_statement(query: PageQuery) -> tuple[str, dict[str, Any]] | None:
+    """The SQL of one page and its parameters (None when no job can match): for EXPLAIN."""
+    found = page_query(query, _PAGE)
+    return (f"{_SUMMARY} {found[0]}", found[1]) if found else None
+
+
+def _summary(record: sqlite3.Row) -> JobSummary:
+    return JobSummary(
+        record["job_id"],
+        status_or_none(record["status"]),
+        _parse_time(record["updated_at"]),
+        status_or_none(record["server_status"]),
+    )

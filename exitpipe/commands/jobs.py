@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from consumers.archive import Window
+from consumers.explain import why
 from consumers.policy import PolicyError, load_policy
 from consumers.replay import Checks, job_exits, parse_archived
 from consumers.state import HistoryRow
@@ -18,6 +19,7 @@ from exitpipe.commands.table import render
 from exitpipe.settings import Settings
 from producers.errors import BrokerError
 from schemas.codes import JobStatus
+from schemas.events import ExitEvent
 from schemas.topology import Names
 
 
@@ -80,22 +82,32 @@ def archived_exits(settings: Settings, job_id: str) -> list[dict[str, object]]:
     """
     try:
         policy = load_policy(settings.policy)
-        archive = open_archive(settings, retry_seconds=min(settings.retry_seconds, 5.0))
-        checks = Checks(Names(settings.namespace), settings.require_site_user)
-        return job_exits(parse_archived(archive.read(Window()), checks), job_id, policy)
+        return job_exits(archived_exit_events(settings, job_id), job_id, policy)
     except (BrokerError, PolicyError) as exc:
         print(f"exitpipe: exits left out: {exc}", file=sys.stderr)
         return []
 
 
+def archived_exit_events(settings: Settings, job_id: str) -> list[ExitEvent]:
+    """The job's exit events as the archive holds them, oldest first; BrokerError if unread."""
+    archive = open_archive(settings, retry_seconds=min(settings.retry_seconds, 5.0))
+    checks = Checks(Names(settings.namespace), settings.require_site_user)
+    return [
+        item
+        for item in parse_archived(archive.read(Window()), checks)
+        if isinstance(item, ExitEvent) and item.job_id == job_id
+    ]
+
+
 def describe_job(job: JobView, exits: list[dict[str, object]] | None = None) -> str:
-    """A job's status, sites and history as a readable table, with the why of each row."""
+    """A job's status, sites, the one-line why, and its history as a readable table."""
     sites = ", ".join(job.sites) if job.sites else "unknown (any site may report)"
     head = f"job {job.job_id}: {job.status.value if job.status else '-'}   sites: {sites}"
     server = job.server_status
     if server is not None:
         agree = "agrees" if server == job.status else "DISAGREES"
         head += f"\nserver verdict: {server.value} ({agree})"
+    head += f"\nwhy: {why(job)}"
     rows = [_history_cells(r) for r in job.history]
     headers = [
         "occurred",

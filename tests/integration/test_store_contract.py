@@ -24,11 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.state import JobEvent, Outcome
-from consumers.store import Store, StoreError, StoreUnavailable
+from consumers.store import Cursor, JobSummary, PageQuery, Store, StoreError, StoreUnavailable
 from consumers.store.factory import open_store, redact_url
 from consumers.store.memory import MemoryStore
 from consumers.store.postgres import PostgresStore
+from consumers.store.postgres import page_statement as pg_page_statement
 from consumers.store.sqlite import SqliteStore
+from consumers.store.sqlite import page_statement as sqlite_page_statement
 from schemas.codes import Action, JobStatus
 from tests.strategies import (
     JOB_IDS,
@@ -311,6 +313,114 @@ def test_an_empty_batch_does_nothing(store: Store) -> None:
     assert store.list() == []
 
 
+# ---- pages (the dashboard) ------------------------------------------------------------------
+
+
+def _after(job: JobSummary) -> Cursor:
+    return Cursor(job.updated_at, job.job_id)
+
+
+def _ids(jobs: list[JobSummary]) -> list[str]:
+    return [j.job_id for j in jobs]
+
+
+def test_pages_list_the_newest_update_first_and_go_on_after_a_cursor(store: Store) -> None:
+    for job_id in ("job-a", "job-b", "job-c", "job-d"):
+        store.apply_batch([lifecycle(job_id=job_id, status=S.RUNNING)])
+    store.apply_batch([lifecycle(job_id="job-b", status=S.FINISHED_COMPLETED)])
+
+    first = store.page(PageQuery(size=2))
+    second = store.page(PageQuery(size=2, after=_after(first[-1])))
+    third = store.page(PageQuery(size=2, after=_after(second[-1])))
+
+    assert (_ids(first), _ids(second), _ids(third)) == (["job-b", "job-d"], ["job-c", "job-a"], [])
+    assert first[0] == next(j for j in store.list() if j.job_id == "job-b")
+    assert store.page(PageQuery(size=0)) == []
+
+
+def test_jobs_updated_together_page_in_job_id_order(store: Store) -> None:
+    store.apply_batch([lifecycle(job_id=j) for j in ("job-b", "job-c", "job-a", "job-B")])
+
+    assert _ids(store.page(PageQuery())) == ["job-c", "job-b", "job-a", "job-B"]
+    first = store.page(PageQuery(size=2))
+    assert _ids(store.page(PageQuery(after=_after(first[-1])))) == ["job-a", "job-B"]
+
+
+def test_pages_filter_by_status_and_disagreement(store: Store) -> None:
+    store.apply_batch(
+        [
+            lifecycle(job_id="job-a", status=S.RUNNING),
+            transition(job_id="job-a"),
+            lifecycle(job_id="job-a", status=S.FINISHED_ABNORMAL),  # the server disagrees
+            lifecycle(job_id="job-b", status=S.RUNNING),
+            transition(job_id="job-c"),
+            lifecycle(job_id="job-c", status=S.FINISHED_EXECUTION_EXCEPTION),  # agrees
+        ]
+    )
+
+    assert _ids(store.page(PageQuery(status=S.RUNNING))) == ["job-b"]
+    disagreeing = store.page(PageQuery(disagreements=True))
+    assert _ids(disagreeing) == ["job-a"] and disagreeing[0].disagrees
+    assert disagreeing[0].server_status is S.FINISHED_ABNORMAL
+    assert store.page(PageQuery(status=S.RUNNING, disagreements=True)) == []
+    failed = PageQuery(status=S.FINISHED_EXECUTION_EXCEPTION)
+    assert _ids(store.page(failed)) == ["job-c", "job-a"]
+
+
+def test_a_prefix_finds_job_ids_in_id_order(store: Store) -> None:
+    ids = ["run-10", "run-2", "run-1", "run-1:retry", "other-1", "run-"]
+    store.apply_batch([lifecycle(job_id=j) for j in ids])
+    store.apply_batch([lifecycle(job_id="run-2", status=S.FINISHED_COMPLETED)])
+
+    assert _ids(store.page(PageQuery(prefix="run-1"))) == ["run-1", "run-10", "run-1:retry"]
+    first = store.page(PageQuery(prefix="run-", size=2))
+    rest = store.page(PageQuery(prefix="run-", size=10, after=_after(first[-1])))
+    assert _ids(first) + _ids(rest) == ["run-", "run-1", "run-10", "run-1:retry", "run-2"]
+    assert _ids(store.page(PageQuery(prefix="run-", status=S.FINISHED_COMPLETED))) == ["run-2"]
+    assert _ids(store.page(PageQuery(prefix="other-1"))) == ["other-1"]
+    for nothing in ("run-3", "RUN", "run-1%", "run_1", "<script>", "x" * 129):
+        assert store.page(PageQuery(prefix=nothing)) == [], nothing
+
+
+def test_upgrading_a_version_1_store_fills_in_the_server_verdicts(persistent: Backend) -> None:
+    store = persistent.open()
+    store.apply_batch(
+        [
+            transition(job_id="job-a"),
+            lifecycle(job_id="job-a", status=S.FINISHED_ABORTED),
+            lifecycle(job_id="job-a", status=S.FINISHED_COMPLETED),
+            lifecycle(job_id="job-b", status=S.RUNNING),
+        ]
+    )
+    store.close()
+    for sql in _BACK_TO_VERSION_1[persistent.kind]:
+        persistent.execute(sql)
+
+    upgraded = persistent.open()
+
+    assert isinstance(upgraded, SqliteStore | PostgresStore) and upgraded.schema_version() == 2
+    assert _ids(upgraded.page(PageQuery(disagreements=True))) == ["job-a"]
+    listed = {j.job_id: j.server_status for j in upgraded.list()}
+    assert listed == {"job-a": S.FINISHED_ABORTED, "job-b": None}
+
+
+_V2_INDEXES = ("jobs_status_page", "jobs_updated", "jobs_disagree")
+_BACK_TO_VERSION_1 = {
+    "sqlite": [
+        *(f"DROP INDEX {name}" for name in _V2_INDEXES),
+        "ALTER TABLE jobs DROP COLUMN server_status",
+        "CREATE INDEX jobs_status_updated ON jobs (status, updated_at)",
+        "DELETE FROM schema_version WHERE version = 2",
+    ],
+    "postgres": [
+        *(f"DROP INDEX {name}" for name in (*_V2_INDEXES, "jobs_id_c")),
+        "ALTER TABLE jobs DROP COLUMN server_status",
+        "CREATE INDEX jobs_status_updated ON jobs (status, updated_at)",
+        "DELETE FROM schema_version WHERE version = 2",
+    ],
+}
+
+
 # ---- schema versions ------------------------------------------------------------------------
 
 
@@ -325,7 +435,7 @@ def test_reopening_keeps_jobs_and_the_schema_version(persistent: Backend) -> Non
     assert view is not None and view.status == S.FINISHED_EXECUTION_EXCEPTION
     assert second.apply_batch([lifecycle()])[0].row.outcome == Outcome.IGNORED_TERMINAL
     assert isinstance(second, SqliteStore | PostgresStore)
-    assert second.schema_version() == 1
+    assert second.schema_version() == 2
 
 
 def test_a_newer_schema_version_is_refused(persistent: Backend) -> None:
@@ -434,6 +544,12 @@ def test_sqlite_and_memory_agree(events: list[JobEvent], data: st.DataObject) ->
                 assert sqlite.apply_batch(batch) == memory.apply_batch(batch)
             assert [sqlite.get(j) for j in JOB_IDS] == [memory.get(j) for j in JOB_IDS]
             assert sqlite.list() == memory.list()
+            for query in (
+                PageQuery(size=100),
+                PageQuery(disagreements=True),
+                PageQuery(prefix="job-"),
+            ):
+                assert sqlite.page(query) == memory.page(query)
         finally:
             sqlite.close()
 
@@ -540,7 +656,8 @@ def test_postgres_migrations_do_not_race(pg_store_url: str) -> None:
 
     assert errors == [] and len(stores) == 4
     with psycopg.connect(pg_store_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert versions.fetchall() == [(1,), (2,)]
     for store in stores:
         store.close()
 
@@ -603,3 +720,113 @@ def test_postgres_redoes_a_batch_when_an_id_is_filed_under_another_job_meanwhile
     finally:
         first.close()
         other.close()
+
+
+# ---- 100,000 jobs: every page is read through an index --------------------------------------
+
+PAGE_JOBS = 100_000
+_PAGE_STATUSES = (S.FINISHED_COMPLETED, S.RUNNING, S.FINISHED_EXECUTION_EXCEPTION, S.SUBMITTED)
+
+
+def _many_jobs(store: Store) -> None:
+    """PAGE_JOBS jobs in four statuses; one failed job in a hundred disagrees with the server."""
+    events: list[JobEvent] = []
+    for n in range(PAGE_JOBS):
+        job_id, status = f"job-{n:06d}", _PAGE_STATUSES[n % 4]
+        if status is S.FINISHED_EXECUTION_EXCEPTION:
+            events.append(transition(job_id))
+            if n % 100 == 2:
+                events.append(lifecycle(job_id, S.FINISHED_ABNORMAL))
+        else:
+            events.append(lifecycle(job_id, status))
+    for start in range(0, len(events), 5000):
+        store.apply_batch(events[start : start + 5000])
+
+
+def _page_queries(store: Store) -> list[PageQuery]:
+    """The dashboard's queries: each filter, each order, first pages and pages far in.
+
+    (A prefix page reads the ids under its prefix from the cursor on until the page is full:
+    with a filter that few of them pass, that is at most every id under the prefix.)
+    """
+    middle = store.page(PageQuery(after=Cursor(T0 + _s(10), "job-050000"), size=1))[0]
+    deep = _after(middle)
+    failed = S.FINISHED_EXECUTION_EXCEPTION
+    return [
+        PageQuery(),
+        PageQuery(after=deep),
+        PageQuery(status=S.RUNNING),
+        PageQuery(status=S.RUNNING, after=deep),
+        PageQuery(disagreements=True),
+        PageQuery(disagreements=True, after=deep),
+        PageQuery(status=failed, disagreements=True),
+        PageQuery(prefix="job-01"),
+        PageQuery(prefix="job-0", after=Cursor(T0, "job-050000")),
+        PageQuery(prefix="job-01", status=S.RUNNING),
+        PageQuery(prefix="job-01", status=failed),
+    ]
+
+
+@pytest.mark.integration
+def test_sqlite_pages_of_100k_jobs_are_read_through_indexes(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "jobs.db"), clock=ticking_clock())
+    try:
+        _many_jobs(store)
+        queries = _page_queries(store)
+    finally:
+        store.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as db:
+        steps = [0]
+
+        def count_steps() -> int:
+            steps[0] += 1
+            return 0
+
+        db.set_progress_handler(count_steps, 100)  # called every 100 VM instructions
+        db.execute("SELECT count(*) FROM jobs WHERE status IS NOT NULL").fetchall()
+        full_scan, steps[0] = steps[0], 0
+        for query in queries:
+            statement = sqlite_page_statement(query)
+            assert statement is not None
+            plan = [
+                row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement[0]}", statement[1])
+            ]
+            assert all("USING INDEX" in step or "USING COVERING INDEX" in step for step in plan), (
+                query,
+                plan,
+            )
+            assert not any("TEMP B-TREE" in step for step in plan), (query, plan)
+            rows = db.execute(*statement).fetchall()
+            assert len(rows) == query.size, query
+            # A page's work does not grow with the store: a small part of one full scan.
+            assert steps[0] < full_scan / 10, (query, steps[0], full_scan)
+            steps[0] = 0
+
+
+@pytest.mark.integration
+def test_postgres_pages_of_100k_jobs_are_read_through_indexes(pg_store_url: str) -> None:
+    store = PostgresStore(pg_store_url, clock=ticking_clock())
+    try:
+        _many_jobs(store)
+        queries = _page_queries(store)
+    finally:
+        store.close()
+    with psycopg.connect(pg_store_url, autocommit=True) as conn:
+        conn.execute("ANALYZE jobs")  # what autovacuum does after a load like this one
+        for query in queries:
+            statement = pg_page_statement(query)
+            assert statement is not None
+            sql = f"EXPLAIN (ANALYZE, FORMAT JSON) {statement[0]}"
+            (plan,) = conn.execute(sql.encode(), statement[1]).fetchone()
+            nodes = list(_plan_nodes(plan[0]["Plan"]))
+            kinds = {node["Node Type"] for node in nodes}
+            assert "Seq Scan" not in kinds and "Sort" not in kinds, (query, kinds)
+            scans = [n for n in nodes if n.get("Relation Name") == "jobs"]
+            assert scans and all(n["Node Type"].startswith("Index") for n in scans), query
+            assert plan[0]["Plan"]["Actual Rows"] == query.size, query
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)

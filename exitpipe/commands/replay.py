@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from consumers.archive import Archive, Archived
+from consumers.explain import why
 from consumers.policy import Policy, PolicyError, load_policy
 from consumers.replay import (
     Checks,
@@ -37,6 +38,7 @@ from consumers.replay import (
     parse_lines,
     timeline_exits,
 )
+from consumers.store import JobView
 from exitpipe.commands.archive import WINDOW_HELP, add_window, broker_status, open_archive, window
 from exitpipe.commands.producers import publisher_for
 from exitpipe.commands.table import render
@@ -335,7 +337,7 @@ def describe_timeline(replay: Replay, job_id: str) -> str:
         [
             f"job {job_id}   sites: {sites}",
             render(headers, rows),
-            f"final status: {final.value if final else 'not in the store'} ({_why(steps)})",
+            f"final status: {final.value if final else 'not in the store'} ({_why(view)})",
         ]
     )
 
@@ -380,17 +382,9 @@ def _live(replay: Replay, step: Step) -> str | None:
     return f"{transition.action.value} ({ref.name}@{ref.version}:{ref.rule})"
 
 
-def _why(steps: list[Step]) -> str:
-    """The step that gave the job its last status, in words."""
-    for step in reversed(steps):
-        if step.outcome == "applied":
-            event = step.event
-            if isinstance(event, LifecycleEvent):
-                return f"server verdict {event.status.value}"
-            assert step.decision is not None
-            decision = step.decision
-            return f"{decision.action.value} by rule {decision.policy.rule} on {event.site}"
-    return "no event of it reached the store"
+def _why(view: JobView | None) -> str:
+    """The same one line as ``jobs show``, the demo and the dashboard (consumers.explain)."""
+    return why(view) if view is not None else "no event of it reached the store"
 
 
 def describe_differences(

@@ -3,6 +3,8 @@
 The broker comes from EXITPIPE_TEST_AMQP_URL, else testcontainers' RabbitMQ when a Docker
 engine answers, else the test is skipped with a message saying how to provide one. PostgreSQL
 likewise from EXITPIPE_TEST_PG_URL. Under CI=true nothing may be skipped for want of a service.
+testcontainers starts RABBITMQ_IMAGE and POSTGRES_IMAGE when set (containers/images.env names
+the ones containers/build makes without a registry), else the official images.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def amqp_url() -> Iterator[str]:
         _missing("RabbitMQ broker", "EXITPIPE_TEST_AMQP_URL")
     from testcontainers.rabbitmq import RabbitMqContainer
 
-    with RabbitMqContainer("rabbitmq:3.10-management") as rabbit:
+    image = os.environ.get("RABBITMQ_IMAGE") or "rabbitmq:3.10-management"
+    with RabbitMqContainer(image) as rabbit:
         params = rabbit.get_connection_params()
         yield f"amqp://guest:guest@{params.host}:{params.port}/%2F"
 
@@ -67,7 +70,8 @@ def pg_url() -> Iterator[str]:
         _missing("PostgreSQL server", "EXITPIPE_TEST_PG_URL")
     from testcontainers.postgres import PostgresContainer
 
-    with PostgresContainer("postgres:15", driver=None) as pg:
+    image = os.environ.get("POSTGRES_IMAGE") or "postgres:15"
+    with PostgresContainer(image, driver=None) as pg:
         yield pg.get_connection_url()
 
 

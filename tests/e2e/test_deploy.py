@@ -97,12 +97,28 @@ def docker_compose() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    """compose.yaml as the compose implementation resolves it (anchors, interpolation)."""
+# What compose.yaml takes from the environment besides the passwords (README, "Containers").
+COMPOSE_VARIABLES = (
+    "PYTHON_IMAGE",
+    "RABBITMQ_IMAGE",
+    "POSTGRES_IMAGE",
+    "EXITPIPE_IMAGE",
+    "PUBLISH_ADDRESS",
+    "RABBITMQ_PORT",
+    "RABBITMQ_UI_PORT",
+    "CLASSIFIER_METRICS_PORT",
+    "JOB_STATE_METRICS_PORT",
+)
+
+
+def compose_config(**variables: str) -> dict[str, Any]:
+    """compose.yaml as the compose implementation resolves it (anchors, interpolation), with
+    only ``variables`` set of those it reads."""
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
     result = subprocess.run(
         [docker_compose(), "-f", str(REPO / "compose.yaml"), "config"],
         cwd=REPO,
+        env={**env, **variables},
         capture_output=True,
         text=True,
         timeout=120,
@@ -110,6 +126,25 @@ def compose() -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     resolved: dict[str, Any] = yaml.safe_load(result.stdout)
     return resolved
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """compose.yaml with its defaults."""
+    return compose_config()
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each port the service publishes, whichever
+    syntax the compose implementation prints (``ADDRESS:PORT:PORT/tcp`` with an address)."""
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.append((port.get("host_ip", ""), str(port["published"]), str(port["target"])))
+        else:
+            *address, published, target = str(port).split("/")[0].split(":")
+            found.append((":".join(address), published, target))
+    return found
 
 
 def exitpipe_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -172,15 +207,43 @@ def test_compose_daemons_are_run_like_services(compose: dict[str, Any]) -> None:
         assert env["EXITPIPE_LOG_FORMAT"] == "json"
         assert s["restart"] == "unless-stopped"
         assert s["stop_signal"] == "SIGTERM" and s["stop_grace_period"]
+        assert s["init"] is True, "PID 1 must be an init that passes signals on"
         assert s["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
         assert s["depends_on"]["topology"]["condition"] == "service_completed_successfully"
-        assert [str(p["target"]) for p in s["ports"]] == [env["EXITPIPE_METRICS_PORT"]]
+        assert [p[2] for p in published_ports(s)] == [env["EXITPIPE_METRICS_PORT"]]
         assert env["EXITPIPE_METRICS_PORT"] in expose
         assert "/healthz" in " ".join(s["healthcheck"]["test"])
     assert services["job-state"]["environment"]["EXITPIPE_STORE"].startswith("postgresql://")
     assert services["job-state"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["topology"]["restart"] == "no"
     assert services["topology"]["command"] == ["topology"]
+
+
+def test_compose_takes_images_and_published_addresses_from_variables(
+    compose: dict[str, Any],
+) -> None:
+    for service in exitpipe_services(compose).values():
+        assert service["build"]["args"] == {"PYTHON_IMAGE": read_dockerfile()[0].base}
+        assert service["image"] == "exitpipe:latest"
+    published = [p for s in compose["services"].values() for p in published_ports(s)]
+    assert {p[1] for p in published} == {"5672", "15672", "9101", "9102"}
+    local = dict(
+        line.split("=", 1)
+        for line in (REPO / "containers" / "images.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(local) == {"PYTHON_IMAGE", "RABBITMQ_IMAGE", "POSTGRES_IMAGE"}
+    ports = {"RABBITMQ_PORT": "25999", "RABBITMQ_UI_PORT": "25998"}
+    ports |= {"CLASSIFIER_METRICS_PORT": "25997", "JOB_STATE_METRICS_PORT": "25996"}
+    moved = compose_config(**local, **ports, PUBLISH_ADDRESS="127.0.0.1")
+    services = moved["services"]
+    assert services["rabbitmq"]["image"] == local["RABBITMQ_IMAGE"]
+    assert services["postgres"]["image"] == local["POSTGRES_IMAGE"]
+    for service in exitpipe_services(moved).values():
+        assert service["build"]["args"]["PYTHON_IMAGE"] == local["PYTHON_IMAGE"]
+    published = [p for s in services.values() for p in published_ports(s)]
+    assert {p[0] for p in published} == {"127.0.0.1"}
+    assert {p[1] for p in published} == set(ports.values())
 
 
 @dataclass

@@ -11,7 +11,8 @@ the highest tag whose own work is done (the watermark), at most once per loop tu
 
 A lost connection drops every unsettled delivery (the broker redelivers them; the store's
 inbox makes the second application a no-op), and the consumer reconnects with tenacity's
-exponential backoff until it is stopped.
+exponential backoff until it is stopped. With several broker nodes (``producers.connection``)
+each reconnect goes to the next node, at once while a node of the round is still untried.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pika.spec import Basic, BasicProperties
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from consumers.observe import DEAD_LETTERED, LOOP_ERRORS
-from producers.publisher import connection_parameters
+from producers.connection import Nodes, each_node_first
 from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Consumer:
         self._consuming = False
         self._stopping = False  # declared here for the type checker; reset per channel
         self._user_id: str | None = None
+        self._nodes: Nodes | None = None
         self._reset_channel_state()
 
     # -- public, any thread --------------------------------------------------------------
@@ -163,10 +165,11 @@ class Consumer:
 
     def run(self) -> None:
         """Consume until stopped; reconnect with backoff whenever the connection goes away."""
+        nodes = self._node_list()
         while not self._stop_requested.is_set():
             retrying = Retrying(
                 retry=retry_if_exception_type(ConnectionLost),
-                wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+                wait=each_node_first(nodes, wait_exponential_jitter(multiplier=0.2, max=5.0)),
                 sleep=self._pause,
                 before_sleep=self._log_retry,
                 reraise=True,
@@ -177,6 +180,19 @@ class Consumer:
                 return
             if not self._stop_requested.is_set():
                 self._on_reconnect()
+
+    def _node_list(self) -> Nodes:
+        if self._nodes is None:
+            c = self.config
+            self._nodes = Nodes(c.url, heartbeat=c.heartbeat, ca_file=c.ca_file)
+            for params in self._nodes.parameters:
+                params.blocked_connection_timeout = max(30, 3 * c.heartbeat)
+        return self._nodes
+
+    @property
+    def _node(self) -> str:
+        """The node connected to (or tried), redacted, for log lines."""
+        return self._nodes.url if self._nodes is not None else "?"
 
     def _pause(self, seconds: float) -> None:
         self._stop_requested.wait(seconds)  # a stop cuts the backoff short
@@ -205,10 +221,8 @@ class Consumer:
         """One connection, from open to close; raises ConnectionLost if it never consumed."""
         if self._stop_requested.is_set():
             return
-        params = connection_parameters(
-            self.config.url, heartbeat=self.config.heartbeat, ca_file=self.config.ca_file
-        )
-        params.blocked_connection_timeout = max(30, 3 * self.config.heartbeat)
+        nodes = self._node_list()
+        params = nodes.current
         # The login, which the broker checks a dead letter's user_id against.
         self._user_id = getattr(params.credentials, "username", None) or None
         self._ever_consumed = False
@@ -224,8 +238,12 @@ class Consumer:
             self._consuming = False
             self._connection = None
             self._channel = None
-        if not self._ever_consumed and not self._stop_requested.is_set():
-            raise ConnectionLost(f"{self.config.name}: could not start consuming")
+        if self._stop_requested.is_set():
+            return
+        node = nodes.url
+        nodes.advance()  # this node failed or went away: the next attempt goes to the next
+        if not self._ever_consumed:
+            raise ConnectionLost(f"{self.config.name}: could not start consuming on {node}")
 
     def _loop(self, conn: SelectConnection) -> None:
         """Run the I/O loop until the connection closes, surviving anything raised in it.
@@ -282,12 +300,14 @@ class Consumer:
         )
 
     def _on_connection_open_error(self, conn: SelectConnection, err: BaseException) -> None:
-        log.warning("%s: cannot connect: %s", self.config.name, _describe(err))
+        log.warning("%s: cannot connect to %s: %s", self.config.name, self._node, _describe(err))
         conn.ioloop.stop()
 
     def _on_connection_closed(self, conn: SelectConnection, reason: BaseException) -> None:
         if not self._stop_requested.is_set():
-            log.warning("%s: connection closed: %s", self.config.name, _describe(reason))
+            log.warning(
+                "%s: connection to %s closed: %s", self.config.name, self._node, _describe(reason)
+            )
         conn.ioloop.stop()
 
     def _on_channel_open(self, channel: Channel) -> None:
@@ -316,7 +336,7 @@ class Consumer:
         # Only a confirmed consume counts as connected: a refused one (403, 404) closes the
         # channel first, and the reconnect then backs off instead of spinning.
         self._consuming = self._ever_consumed = True
-        log.info("%s: consuming %s", self.config.name, self.config.queue)
+        log.info("%s: consuming %s on %s", self.config.name, self.config.queue, self._node)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         self._consuming = False

@@ -56,8 +56,9 @@ import pika
 import pika.exceptions
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from producers.connection import Nodes, each_node_first, login_refused
 from producers.errors import BrokerError, BrokerUnreachable, redact
-from producers.publisher import LOGIN_REFUSED, connection_parameters, describe
+from producers.publisher import describe
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,9 @@ class Archive:
         self.settle = settle
         self.idle_timeout = idle_timeout
         self.end: int | None = None
-        self._params = connection_parameters(url, heartbeat=heartbeat, ca_file=ca_file)
-        self._params.client_properties = {"connection_name": "exitpipe-archive-reader"}
+        self._nodes = Nodes(
+            url, heartbeat=heartbeat, ca_file=ca_file, name="exitpipe-archive-reader"
+        )
 
     def read(self, window: Window = Window()) -> Iterator[Archived]:
         """The archived messages of ``window``, in archive order, up to the end found at start."""
@@ -305,15 +307,25 @@ class Archive:
         retrying = Retrying(
             retry=retry_if_exception(_weather),
             stop=stop_after_delay(self.retry_seconds),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2),
+            wait=each_node_first(
+                self._nodes, wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2)
+            ),
             reraise=True,
         )
         try:
-            return retrying(_Link.open, self._params)
+            return retrying(self._open)
         except pika.exceptions.AMQPConnectionError as exc:
             raise BrokerUnreachable(
                 f"broker {redact(self.url)} unreachable: {describe(exc)}"
             ) from exc
+
+    def _open(self) -> _Link:
+        """A link to the current node; on failure the next attempt goes to the next node."""
+        try:
+            return _Link.open(self._nodes.current)
+        except pika.exceptions.AMQPConnectionError:
+            self._nodes.advance()
+            raise
 
 
 class _Link:
@@ -337,6 +349,9 @@ class _Link:
         link = cls(params)
         try:
             link.wait(lambda: link._open, float(params.socket_timeout or RPC_TIMEOUT) + 1)
+        except (ValueError, OSError) as exc:  # pika lets a reset while connecting escape
+            link.close()
+            raise pika.exceptions.AMQPConnectionError(f"connecting failed: {exc!r}") from exc
         except BaseException:
             link.close()
             raise
@@ -430,6 +445,4 @@ def _weather(exc: BaseException) -> bool:
     """Connection trouble is retried; a refused login or a broker's refusal is not."""
     if isinstance(exc, pika.exceptions.ConnectionClosedByBroker):
         return bool(exc.reply_code == CONNECTION_FORCED)
-    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
-        exc, LOGIN_REFUSED
-    )
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not login_refused(exc)

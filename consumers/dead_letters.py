@@ -32,8 +32,9 @@ import pika.exceptions
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from consumers.senders import dead_letter_sender, written_by_daemon
+from producers.connection import Nodes, connect_blocking, each_node_first, login_refused
 from producers.errors import BrokerError, BrokerUnreachable, redact
-from producers.publisher import LOGIN_REFUSED, connection_parameters, describe
+from producers.publisher import describe
 from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER, Names
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,10 @@ class DeadLetters:
         self.url = url
         self.names = names
         self.retry_seconds = retry_seconds
-        self._params = connection_parameters(url, ca_file=ca_file)
-        self._params.client_properties = {"connection_name": "exitpipe-dead-letters"}
+        self._nodes = Nodes(url, ca_file=ca_file, name="exitpipe-dead-letters")
         # The operator's login: requeued messages carry it as user_id (the broker checks it).
-        self._user_id = getattr(self._params.credentials, "username", None) or None
+        # With several nodes, the login of the node connected to (``_connect``).
+        self._user_id = _login(self._nodes.current)
 
     @property
     def vouches(self) -> bool:
@@ -182,11 +183,13 @@ class DeadLetters:
         retrying = Retrying(
             retry=retry_if_exception(_weather),
             stop=stop_after_delay(self.retry_seconds),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2),
+            wait=each_node_first(
+                self._nodes, wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2)
+            ),
             reraise=True,
         )
         try:
-            conn = retrying(pika.BlockingConnection, self._params)
+            conn = retrying(self._connect)
         except pika.exceptions.AMQPConnectionError as exc:
             raise BrokerUnreachable(
                 f"broker {redact(self.url)} unreachable: {describe(exc)}"
@@ -207,6 +210,21 @@ class DeadLetters:
         finally:
             if conn.is_open:
                 conn.close()
+
+    def _connect(self) -> Any:
+        """A connection to the current node; on failure the next attempt goes to the next."""
+        params = self._nodes.current
+        try:
+            conn = connect_blocking([params])
+        except pika.exceptions.AMQPConnectionError:
+            self._nodes.advance()
+            raise
+        self._user_id = _login(params)
+        return conn
+
+
+def _login(params: Any) -> str | None:
+    return getattr(params.credentials, "username", None) or None
 
 
 @contextmanager
@@ -273,6 +291,4 @@ def _count(conn: Any, queue: str) -> int:
 
 
 def _weather(exc: BaseException) -> bool:
-    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
-        exc, LOGIN_REFUSED
-    )
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not login_refused(exc)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producers.connection import parse_urls
 from producers.errors import redact as redact  # one redaction for the whole project
 from producers.spool import default_spool
 from schemas.topology import Topology, topology
@@ -21,7 +21,9 @@ class Settings(BaseSettings):
 
     amqp_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/%2F",
-        description="Broker URL (amqp:// or amqps://).",
+        description="Broker URL (amqp:// or amqps://), or a comma-separated list of the nodes of"
+        " one cluster, each with its own credentials and TLS: every connection tries them in"
+        " turn and fails over (a comma inside a URL is written %2C).",
     )
     amqp_ca_file: Path | None = Field(
         None, description="CA bundle that verifies the broker's certificate for amqps:// URLs."
@@ -62,6 +64,14 @@ class Settings(BaseSettings):
     archive_max_bytes: int = Field(
         1_000_000_000, ge=1, description="Archive stream retention by size, in bytes."
     )
+    quorum_size: int | None = Field(
+        None,
+        ge=0,
+        le=99,
+        description="Replicas of each quorum queue when it is created. Unset: one per URL of"
+        " EXITPIPE_AMQP_URL, at most 3 (for a single URL, the broker's default: every node);"
+        " 0: always the broker's default.",
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Port of /metrics and /healthz (off when unset)."
     )
@@ -85,9 +95,8 @@ class Settings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
-            raise ValueError("must start with amqp:// or amqps://")
+    def _amqp_urls(cls, value: str) -> str:
+        parse_urls(value)  # a bad list is refused here, at start, with the reason
         return value
 
 
@@ -98,4 +107,13 @@ def topology_of(settings: Settings) -> Topology:
         delivery_limit=settings.delivery_limit,
         archive_max_age=settings.archive_max_age,
         archive_max_bytes=settings.archive_max_bytes,
+        quorum_size=quorum_size(settings),
     )
+
+
+def quorum_size(settings: Settings) -> int | None:
+    """Replicas of each quorum queue; None leaves it to the broker (every node)."""
+    if settings.quorum_size is not None:
+        return settings.quorum_size or None
+    nodes = len(parse_urls(settings.amqp_url))
+    return min(nodes, 3) if nodes > 1 else None

@@ -28,8 +28,9 @@ import pika
 import pika.exceptions
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
+from producers.connection import Nodes, connect_blocking, login_refused
 from producers.errors import BrokerError, BrokerUnreachable, TopologyMismatch, redact
-from producers.publisher import BACKOFF, LOGIN_REFUSED, connection_parameters, describe
+from producers.publisher import BACKOFF, describe
 from schemas.topology import Exchange, Queue, Topology
 
 log = logging.getLogger(__name__)
@@ -266,9 +267,7 @@ def _on_fresh_channel(conn: Any, step: Callable[[Channel], object]) -> None:
 
 def _weather(exc: BaseException) -> bool:
     """Connection trouble is retried; a refused login and channel errors are not."""
-    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
-        exc, LOGIN_REFUSED
-    )
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not login_refused(exc)
 
 
 def _with_connection(
@@ -278,8 +277,12 @@ def _with_connection(
     connect_timeout: float,
     ca_file: Path | str | None,
 ) -> T:
-    """Run ``work`` on a fresh connection, retrying the whole of it on connection trouble."""
-    params = connection_parameters(url, connect_timeout=connect_timeout, ca_file=ca_file)
+    """Run ``work`` on a fresh connection, retrying the whole of it on connection trouble.
+
+    With several nodes, each is tried in turn; a quorum queue declared here gets its leader
+    on the node connected to (RabbitMQ's ``client-local`` leader locator).
+    """
+    params = Nodes(url, connect_timeout=connect_timeout, ca_file=ca_file).parameters
 
     def out_of_budget(state: RetryCallState) -> bool:
         return (state.seconds_since_start or 0.0) + state.upcoming_sleep > retry_seconds
@@ -306,7 +309,7 @@ def _with_connection(
 
 
 def _connected(params: Any, work: Callable[[Any], T]) -> T:
-    conn = pika.BlockingConnection(params)
+    conn = connect_blocking(params)
     try:
         return work(conn)
     finally:

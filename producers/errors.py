@@ -16,6 +16,7 @@ retried. Messages never carry a password: URLs go through ``redact`` first.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +26,17 @@ if TYPE_CHECKING:
 
 
 def redact(url: str) -> str:
-    """A URL with its password replaced by ``***``, for logs and messages (never raises)."""
+    """A URL, or a comma-separated list of them, with every password replaced by ``***``,
+    for logs and messages (never raises)."""
+    return ",".join(_redact_one(part) for part in _NEXT_URL.split(url))
+
+
+# A list is split only where the next URL starts, so that a comma inside a password (which
+# ``producers.connection`` refuses, but which a message may still have to show) is not a cut.
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     userinfo, at, hostport = parts.netloc.rpartition("@")
     user, colon, _password = userinfo.partition(":")

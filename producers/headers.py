@@ -8,7 +8,7 @@ could stall a consumer with one header: the frame fails in the I/O loop, the con
 torn down, the message comes back, again and again. ``tolerate_hostile_headers`` wraps pika's
 decoder so that such a value decodes to something plain (the raw integer, a float, a marker
 string) and the message reaches its handler like any other. It is idempotent and called by
-every connection exitpipe opens (``producers.publisher.connection_parameters``).
+every connection exitpipe opens (``producers.connection.node_parameters``).
 """
 
 from __future__ import annotations

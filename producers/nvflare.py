@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
@@ -52,6 +51,7 @@ from nvflare.app_common.job_launcher.process_launcher import (
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producers.connection import parse_urls
 from producers.deliver import Status, deliver
 from producers.errors import BrokerError, redact
 from producers.publisher import Outgoing, Publisher, outgoing
@@ -94,9 +94,8 @@ class ComponentSettings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
-            raise ValueError("must start with amqp:// or amqps://")
+    def _amqp_urls(cls, value: str) -> str:
+        parse_urls(value)  # one URL or a cluster's list, as for every command
         return value
 
 

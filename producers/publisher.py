@@ -19,6 +19,10 @@ Failures, and what is retried (the only retries of the producers, with tenacity)
   (downstream dedupes by event id). Backoff is exponential with jitter; the budget is
   ``retry_seconds`` without any confirm, after which ``BrokerUnreachable`` is raised carrying
   every message's outcome so far (the unsettled ones INDETERMINATE).
+- with several nodes (``producers.connection``), each connection tries them in turn, starting
+  with the one that worked last, and a lost or silent node (no confirm for a share of
+  ``retry_seconds``, at most ``STALL_SECONDS``) sends the next attempt to the next node: the
+  budget runs out only when no node answers.
 - a nack: the message is sent again after a pause, ``nack_retries`` times, then NACKED.
 - a return: RETURNED at once, never retried (no queue is bound: a topology problem).
 - publishing to an exchange that does not exist makes the broker close the channel (404):
@@ -34,7 +38,6 @@ from __future__ import annotations
 import enum
 import logging
 import re
-import ssl
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -53,9 +56,9 @@ from tenacity import (
     wait_random,
 )
 
+from producers.connection import LOGIN_REFUSED as LOGIN_REFUSED
+from producers.connection import Nodes, login_refused
 from producers.errors import BrokerError, BrokerUnreachable, PublishRefused, Unroutable, redact
-from producers.headers import tolerate_hostile_headers
-from producers.tls import connection_parameters as tls_parameters
 from schemas.events import Event
 from schemas.topology import Names, route
 
@@ -63,16 +66,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 1000
 NACK_RETRIES = 3
+STALL_SECONDS = 5.0  # with several nodes: no confirm for this long, try another node
 JSON = "application/json"
 PERSISTENT = 2
 # Exponential backoff with jitter, shared with the topology adapter.
 BACKOFF = wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2)
 _NO_EXCHANGE = re.compile(r"no exchange '(?P<name>.*)' in vhost")
-LOGIN_REFUSED = (
-    pika.exceptions.AuthenticationError,
-    pika.exceptions.ProbableAuthenticationError,
-    pika.exceptions.ProbableAccessDeniedError,
-)
 
 
 @dataclass(frozen=True)
@@ -137,20 +136,9 @@ def connection_parameters(
     connect_timeout: float = 5.0,
     ca_file: Path | str | None = None,
 ) -> pika.URLParameters:
-    """pika parameters for ``url`` (TLS as ``producers.tls`` sets it up), one connect attempt
-    each, since retrying is ours; a bad URL or CA file is a BrokerError."""
-    tolerate_hostile_headers()  # every connection of exitpipe is made with these parameters
-    try:
-        params = tls_parameters(url, Path(ca_file) if ca_file else None, heartbeat)
-    except ValueError as exc:
-        raise BrokerError(f"bad broker URL {redact(url)}: {exc}") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"CA file {ca_file}: {exc}") from exc
-    params.socket_timeout = connect_timeout
-    params.stack_timeout = connect_timeout
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": "exitpipe-producer"}
-    return params
+    """pika parameters for the first node of ``url`` (one URL or a list). A connection that
+    should fail over takes ``producers.connection.Nodes`` instead; a bad URL is a BrokerError."""
+    return Nodes(url, heartbeat=heartbeat, connect_timeout=connect_timeout, ca_file=ca_file).current
 
 
 class _Failure(Exception):
@@ -248,7 +236,10 @@ class _Link:
     def open(self, timeout: float) -> None:
         """Connect and put a channel in confirm mode; raise _Lost or _Refused."""
         deadline = time.monotonic() + timeout
-        self._run(lambda: self.ready, lambda: deadline)
+        try:
+            self._run(lambda: self.ready, lambda: deadline)
+        except (ValueError, OSError) as exc:  # pika lets a reset while connecting escape
+            self.error = self.error or exc
         if not self.usable:
             raise _failure(self.error or TimeoutError(f"no connection within {timeout:.1f}s"))
 
@@ -256,8 +247,12 @@ class _Link:
         """Publish ``batch.todo`` with a window of confirms; return when all are settled."""
         self._batch = batch
         self._returned.clear()
+        started = time.monotonic()  # a stall counts on this link, not since an earlier one
         self._fill()
-        self._run(lambda: not (self._inflight or batch.todo), lambda: batch.last_progress + stall)
+        self._run(
+            lambda: not (self._inflight or batch.todo),
+            lambda: max(batch.last_progress, started) + stall,
+        )
         if self.error is None and (self._inflight or batch.todo):
             self.error = TimeoutError(f"no confirm arrived for {stall:.1f}s")
         if self.error is not None:
@@ -268,17 +263,19 @@ class _Link:
     def close(self) -> None:
         """Close the connection politely, or cut it if the broker does not answer in time."""
         conn = self._conn
-        if not (conn.is_closed or conn.is_closing):
-            conn.close()
-        deadline = time.monotonic() + 1.0
-        self._run(lambda: bool(conn.is_closed), lambda: deadline, stop_on_error=False)
-        if not conn.is_closed:
-            # A silent peer never sends Close-Ok; pika has no timeout for it, so end the
-            # stream the way pika itself aborts an opening connection.
-            conn._terminate_stream(TimeoutError("close timed out"))
-            deadline = time.monotonic() + 0.5
+        try:
+            if not (conn.is_closed or conn.is_closing):
+                conn.close()
+            deadline = time.monotonic() + 1.0
             self._run(lambda: bool(conn.is_closed), lambda: deadline, stop_on_error=False)
-        conn.ioloop.close()
+            if not conn.is_closed:
+                # A silent peer never sends Close-Ok; pika has no timeout for it, so end the
+                # stream the way pika itself aborts an opening connection.
+                conn._terminate_stream(TimeoutError("close timed out"))
+                deadline = time.monotonic() + 0.5
+                self._run(lambda: bool(conn.is_closed), lambda: deadline, stop_on_error=False)
+        finally:
+            conn.ioloop.close()
 
     def _run(
         self, until: Callable[[], bool], deadline: Callable[[], float], stop_on_error: bool = True
@@ -407,7 +404,7 @@ class _Link:
 
 def _failure(error: BaseException) -> _Failure:
     """Weather (_Lost) or a refusal (_Refused) for a pika error."""
-    refused = isinstance(error, (*LOGIN_REFUSED, pika.exceptions.ChannelClosedByBroker))
+    refused = login_refused(error) or isinstance(error, pika.exceptions.ChannelClosedByBroker)
     return _Refused(error) if refused else _Lost(error)
 
 
@@ -432,10 +429,11 @@ class Publisher:
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
-        self._url = url
-        self._params = connection_parameters(
+        self._nodes = Nodes(
             url, heartbeat=heartbeat, connect_timeout=connect_timeout, ca_file=ca_file
         )
+        self._stall = _stall(retry_seconds, connect_timeout, len(self._nodes))
+        self._failed = self._nodes.url  # the node of the last failure, for the log
         self._window = window
         self._retry_seconds = retry_seconds
         self._connect_timeout = connect_timeout
@@ -463,11 +461,11 @@ class Publisher:
             batch.give_up_nacked()
         except _Refused as exc:
             self._drop()
-            raise _refusal(exc.cause, self._url, batch.outcomes) from exc.cause
+            raise _refusal(exc.cause, self._nodes.url, batch.outcomes) from exc.cause
         except _Lost as exc:
             self._drop()
             raise BrokerUnreachable(
-                f"broker {redact(self._url)} unreachable: {describe(exc.cause)}",
+                f"broker {self._nodes} unreachable: {describe(exc.cause)}",
                 batch.outcomes,
             ) from exc.cause
         except BaseException:
@@ -497,7 +495,13 @@ class Publisher:
         batch.later.clear()
         if not batch.todo:
             return
-        self._connected().send(batch, self._retry_seconds)
+        link = self._connected()
+        try:
+            link.send(batch, self._stall)
+        except _Lost:
+            self._failed = self._nodes.url
+            self._nodes.advance()  # the next attempt goes to the next node
+            raise
         if batch.later:
             raise _Again()
 
@@ -505,29 +509,62 @@ class Publisher:
         if self._link is not None and self._link.usable:
             return self._link
         self._drop()
-        self._link = _Link(self._params, self._window)
-        self._link.open(self._connect_timeout + 1.0)
-        return self._link
+        lost: _Lost | None = None
+        for _ in range(len(self._nodes)):  # each node in turn, the one that worked last first
+            link = _Link(self._nodes.current, self._window)
+            try:
+                link.open(self._connect_timeout + 1.0)
+            except _Lost as exc:
+                _close(link)
+                if len(self._nodes) > 1:
+                    log.warning("broker node %s: %s", self._nodes.url, describe(exc.cause))
+                self._failed = self._nodes.url
+                self._nodes.advance()
+                lost = exc
+                continue
+            except BaseException:
+                _close(link)
+                raise
+            self._link = link
+            return link
+        assert lost is not None
+        raise lost
 
     def _drop(self) -> None:
         link, self._link = self._link, None
         if link is not None:
-            try:
-                link.close()
-            except Exception:  # a dying connection may fail to close: nothing left to save
-                log.debug("closing a dead connection failed", exc_info=True)
+            _close(link)
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         why = describe(error.cause) if isinstance(error, _Failure) else "nacked, sending again"
-        log.warning(
-            "publish to %s: %s; retrying in %.2fs", redact(self._url), why, state.upcoming_sleep
-        )
+        log.warning("publish to %s: %s; retrying in %.2fs", self._failed, why, state.upcoming_sleep)
+
+
+def _stall(retry_seconds: float, connect_timeout: float, nodes: int) -> float:
+    """How long a connection may go without any confirm before the publisher tries another.
+
+    With one node, the whole budget. With several, a node that went silent (frozen, cut off)
+    sends no confirm and no close, and RabbitMQ 3.10 holds the confirms of messages sent to a
+    quorum queue whose leader froze until that leader comes back, even after the others have
+    elected a new one: a new connection, on another node, finds the new leader. So a share of
+    the budget, and never more than ``STALL_SECONDS``.
+    """
+    if nodes == 1:
+        return retry_seconds
+    return max(connect_timeout, min(retry_seconds / nodes, STALL_SECONDS))
+
+
+def _close(link: _Link) -> None:
+    try:
+        link.close()
+    except Exception:  # a dying connection may fail to close: nothing left to save
+        log.debug("closing a dead connection failed", exc_info=True)
 
 
 def _refusal(cause: BaseException, url: str, outcomes: Sequence[Outcome]) -> BrokerError:
     text = describe(cause)
-    if isinstance(cause, LOGIN_REFUSED):
+    if login_refused(cause):
         return BrokerUnreachable(f"broker {redact(url)} refused login or vhost: {text}", outcomes)
     return PublishRefused(f"broker {redact(url)} closed the channel: {text}", outcomes)
 

@@ -116,13 +116,24 @@ class Topology:
     queues: tuple[Queue, ...]
 
 
-def _work_queue(names: Names, name: str, binding: tuple[str, str], limit: int) -> Queue:
+def _quorum(size: int | None) -> dict[str, Any]:
+    """A quorum queue's arguments; ``size`` replicas when it is created (None: the broker's
+    default, every node of the cluster). RabbitMQ keeps the size a queue was declared with."""
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if size is not None:
+        arguments["x-quorum-initial-group-size"] = size
+    return arguments
+
+
+def _work_queue(
+    names: Names, name: str, binding: tuple[str, str], limit: int, size: int | None
+) -> Queue:
     # At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ's
     # default at-most-once strategy drops a dead letter whose target is missing.
     return Queue(
         name,
         {
-            "x-queue-type": "quorum",
+            **_quorum(size),
             "x-delivery-limit": limit,
             "x-dead-letter-exchange": names.dead,
             "x-dead-letter-strategy": "at-least-once",
@@ -138,14 +149,16 @@ def topology(
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
     archive_max_age: str = DEFAULT_ARCHIVE_MAX_AGE,
     archive_max_bytes: int = DEFAULT_ARCHIVE_MAX_BYTES,
+    quorum_size: int | None = None,
 ) -> Topology:
-    """The exchanges and queues of namespace ``ns``."""
+    """The exchanges and queues of namespace ``ns``; ``quorum_size``: replicas of each quorum
+    queue (None: every node of the cluster, RabbitMQ's default)."""
     n = Names(ns)
     return Topology(
         exchanges=(Exchange(n.events), Exchange(n.jobs), Exchange(n.dead)),
         queues=(
-            _work_queue(n, n.classify, (n.events, "exit.#"), delivery_limit),
-            _work_queue(n, n.job_state, (n.jobs, "#"), delivery_limit),
+            _work_queue(n, n.classify, (n.events, "exit.#"), delivery_limit, quorum_size),
+            _work_queue(n, n.job_state, (n.jobs, "#"), delivery_limit, quorum_size),
             Queue(
                 n.archive,
                 {
@@ -159,7 +172,7 @@ def topology(
                 ((n.events, "#"), (n.jobs, "lifecycle.#")),
                 retired=((n.jobs, "#"),),
             ),
-            Queue(n.dead_letters, {"x-queue-type": "quorum"}, ((n.dead, "#"),)),
+            Queue(n.dead_letters, _quorum(quorum_size), ((n.dead, "#"),)),
         ),
     )
 

@@ -20,8 +20,10 @@ import pika
 from pydantic import ValidationError
 
 from exitpipe.cli import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
-from exitpipe.settings import Settings, topology_of
+from exitpipe.settings import Settings, quorum_size, topology_of
+from producers import replicas
 from producers.broker import check_topology, declare_topology
+from producers.connection import first_url
 from producers.deliver import Delivery, Status, deliver
 from producers.errors import BrokerError, TopologyMismatch, redact
 from producers.launch import Report, WorkerExit, exit_event, launch
@@ -38,7 +40,7 @@ from schemas.events import (
     describe,
     parse_object,
 )
-from schemas.topology import Names
+from schemas.topology import Names, Topology
 
 EX_PROBLEMS = 1
 CONNECT_TIMEOUT = 5.0  # one connection attempt; never more than the whole retry budget
@@ -71,7 +73,12 @@ def _add_topology(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "topology", parents=[common], help="declare (or check) the namespace's exchanges and queues"
     )
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 on any problem")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check; exit 1 on any problem. Also lists each quorum queue's and the"
+        " archive's leader and members, read with rabbitmqctl (--rabbitmqctl, -n)",
+    )
     users = parser.add_argument_group(
         "broker users per role (see README, Security): <ns>-classifier, <ns>-job-state,"
         " <ns>-server and <ns>-site-<site>; passwords from EXITPIPE_PASSWORD_<ROLE>"
@@ -96,8 +103,12 @@ def _add_topology(subparsers: Any, common: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="the rabbitmqctl to run (default: rabbitmqctl on PATH)",
     )
-    users.add_argument("-n", "--node", help="the RabbitMQ node rabbitmqctl talks to")
-    users.add_argument("--vhost", help="virtual host of the permissions (default: the URL's)")
+    users.add_argument(
+        "-n", "--node", help="the RabbitMQ node rabbitmqctl talks to (--users, --check)"
+    )
+    users.add_argument(
+        "--vhost", help="virtual host of the permissions or queues (default: the first URL's)"
+    )
     parser.set_defaults(func=_topology)
 
 
@@ -157,8 +168,10 @@ def _job_and_site(parser: argparse.ArgumentParser) -> None:
 
 
 def _topology(args: argparse.Namespace, settings: Settings) -> int:
-    if args.users is None and (args.print_only or args.node or args.vhost):
-        return _fail("topology", "--print, --node and --vhost go with --users", EX_USAGE)
+    if args.users is None and args.print_only:
+        return _fail("topology", "--print goes with --users", EX_USAGE)
+    if args.users is None and not args.check and (args.node or args.vhost):
+        return _fail("topology", "--node and --vhost go with --users or --check", EX_USAGE)
     if args.users is not None and args.check:
         return _fail("topology", "--check and --users do not go together", EX_USAGE)
     if args.users is not None:
@@ -167,8 +180,8 @@ def _topology(args: argparse.Namespace, settings: Settings) -> int:
             check_sites(sites)
         except ValueError as exc:
             return _fail("topology", exc, EX_USAGE)
-        ctl = [args.rabbitmqctl, *(["-n", args.node] if args.node else [])]
-        vhost = args.vhost or pika.URLParameters(settings.amqp_url).virtual_host
+        ctl = _ctl(args)
+        vhost = args.vhost or _vhost(settings)
         if args.print_only:
             print(script(grants(settings.namespace, sites), vhost, ctl), end="")
             return EX_OK
@@ -178,7 +191,7 @@ def _topology(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.check:
             problems = check_topology(url, topo, retry_seconds=retry, ca_file=ca_file)
-            return _print_problems(problems)
+            return _print_problems(problems + _members(args, settings, topo))
         only_checked = declare_topology(url, topo, retry_seconds=retry, ca_file=ca_file)
     except TopologyMismatch as exc:
         return _fail("topology", exc, EX_PROBLEMS)
@@ -217,6 +230,27 @@ def _users(ns: str, sites: list[str], vhost: str, ctl: list[str]) -> int:
     if any(a.password is not None for a in applied):
         print("the generated passwords are shown this once and kept nowhere: store them now")
     return EX_OK
+
+
+def _ctl(args: argparse.Namespace) -> list[str]:
+    return [args.rabbitmqctl, *(["-n", args.node] if args.node else [])]
+
+
+def _vhost(settings: Settings) -> str:
+    return str(pika.URLParameters(first_url(settings.amqp_url)).virtual_host)
+
+
+def _members(args: argparse.Namespace, settings: Settings, topo: Topology) -> list[str]:
+    """Print each replicated queue's leader and members (rabbitmqctl); the problems found."""
+    try:
+        found = replicas.read(Rabbitmqctl(_ctl(args)), args.vhost or _vhost(settings))
+    except UsersError as exc:
+        print(f"exitpipe topology: members and leaders not shown: {exc}", file=sys.stderr)
+        return []
+    lines, problems = replicas.report(topo, found, quorum_size(settings))
+    for line in lines:
+        print(line)
+    return problems
 
 
 def _print_problems(problems: list[str]) -> int:
@@ -313,7 +347,7 @@ def _not_permitted(event: Event, settings: Settings) -> str | None:
     every later flush. Users outside the role naming of this namespace are not judged here.
     """
     try:
-        user = pika.URLParameters(settings.amqp_url).credentials.username
+        user = pika.URLParameters(first_url(settings.amqp_url)).credentials.username
     except Exception:  # a bad URL is reported by the publisher, with its own message
         return None
     ns = settings.namespace

@@ -81,6 +81,14 @@ def _exact(*names: str) -> str:
     return f"^{escaped[0]}$" if len(escaped) == 1 else f"^({'|'.join(escaped)})$"
 
 
+def new_password() -> str:
+    """A random password that no command line can take for an option: never a leading '-'."""
+    while True:
+        password = secrets.token_urlsafe(24)
+        if not password.startswith("-"):
+            return password
+
+
 def site_user(ns: str, site: str) -> str:
     """The broker user of one site: ``<ns>-site-<site>`` (the classifier relies on it)."""
     return Names(ns).site_user(site)
@@ -226,7 +234,7 @@ class Rabbitmqctl:
         done = []
         for g in all_grants:
             given = environ.get(g.password_variable) or None
-            generated = None if given else secrets.token_urlsafe(24)
+            generated = None if given else new_password()
             created = g.user not in existing
             if created:
                 self.run("add_user", g.user, stdin=f"{given or generated}\n")

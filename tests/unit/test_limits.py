@@ -167,3 +167,12 @@ def test_launch_refuses_before_the_worker_runs(
     argv = ["launch", "--job", ID_LONG, "--site", "site-1", "--", "touch", str(ran)]
     assert main(argv) == 2
     assert "job_id" in capsys.readouterr().err and not ran.exists()
+
+
+def test_a_generated_password_never_reads_as_a_command_line_option() -> None:
+    # token_urlsafe starts with '-' one time in 64; rabbitmqctl then took it for an option.
+    from producers.users import new_password
+
+    passwords = [new_password() for _ in range(2000)]
+    assert not [p for p in passwords if p.startswith("-")]
+    assert len(set(passwords)) == len(passwords) and min(map(len, passwords)) >= 32

@@ -57,6 +57,30 @@ class MemoryStore:
             self._commit(batch)
             return results
 
+    def apply_one(self, event: JobEvent) -> Applied:
+        """``apply_batch([event])[0]``, without a batch's overlay: a batch of one commits as it
+        applies. Replay applies every event alone, and the overlay was a third of that."""
+        with self._lock:
+            now = utc(self._clock())
+            event_id = event.event_id
+            seen = self._rows.get(event_id)
+            if seen is not None:
+                counted = replace(seen, duplicates=seen.duplicates + 1)
+                self._rows[event_id] = counted
+                return Applied(row=counted, duplicate=True)
+            job_id = event.job_id
+            record = self._jobs.get(job_id)
+            after, row = apply(record.job if record else Job(job_id=job_id), event, now)
+            row = normalised(row)
+            self._jobs[job_id] = _JobRecord(after, now)
+            self._rows[event_id] = row
+            order = self._order.get(job_id)
+            if order is None:
+                self._order[job_id] = [event_id]
+            else:
+                order.append(event_id)
+            return Applied(row=row, duplicate=False)
+
     def _apply_one(self, batch: _Batch, event: JobEvent, now: datetime) -> Applied:
         event_id = event.event_id
         seen = batch.rows.get(event_id) or self._rows.get(event_id)

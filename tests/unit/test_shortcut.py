@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consumers import replay
 from schemas.codes import Code, JobStatus, Launcher, Stage
 from schemas.events import (
     EXIT_SCHEMA,
@@ -35,6 +36,7 @@ from schemas.events import (
     read_json,
     well_formed,
 )
+from schemas.topology import Names
 
 IDENT = string.ascii_letters + string.digits + "._-:"
 
@@ -294,3 +296,61 @@ def test_what_producers_write_takes_the_shortcut(event: Event) -> None:
     fast = well_formed(canonical_json(body))
     assert fast is not None, "a producer's own body went down the slow path"
     _same(fast, parse_object(read_json(body)))
+
+
+def _line_results(line: bytes) -> tuple[Event | str, Event | str]:
+    """What replay makes of one line with the shortcut, and what the full path makes of it."""
+    checks = replay.Checks(Names("ns1"))
+    out = []
+    for shortcut in (True, False):
+        try:
+            if shortcut:
+                out.append(replay._line_event(line, checks))
+            else:
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(replay, "_well_formed_line", lambda _line, _checks: None)
+                    out.append(replay._line_event(line, checks))
+        except BadMessage as exc:
+            out.append(exc.reason)
+    return out[0], out[1]
+
+
+envelopes = st.fixed_dictionaries(
+    {
+        "namespace": st.sampled_from(["ns1", "ns2", "", None, 3]),
+        "routing_key": st.sampled_from(["exit.site-1", "exit.s", "lifecycle.RUNNING", "x", None]),
+        "sender": st.sampled_from([None, "ns1-site-site-1", "ns1-server", "guest", 7]),
+        "body": bodies(),
+    },
+    optional={"extra": st.integers()},
+)
+
+
+@settings(max_examples=1500)
+@given(st.one_of(bodies(), envelopes), st.sampled_from([b"", b"\n", b"\r\n", b" \n"]))
+def test_replay_reads_a_line_the_same_with_the_shortcut_as_without(
+    value: dict[str, Any], end: bytes
+) -> None:
+    try:
+        line = orjson.dumps(value) + end
+    except TypeError:
+        return
+    fast, slow = _line_results(line)
+    if isinstance(slow, str):
+        assert fast == slow
+    else:
+        assert not isinstance(fast, str), fast
+        _same(fast, slow)
+
+
+def test_an_exported_line_takes_the_shortcut() -> None:
+    event = _exit()
+    envelope = {
+        "namespace": "ns1",
+        "routing_key": "exit.site-1",
+        "sender": "ns1-site-site-1",
+        "body": orjson.loads(event.to_json()),
+    }
+    checks = replay.Checks(Names("ns1"))
+    assert replay._well_formed_line(orjson.dumps(envelope) + b"\n", checks) == event
+    assert replay._well_formed_line(event.to_json() + b"\n", checks) == event

@@ -7,6 +7,7 @@ relies on, with the in-memory store as the ledger (the store owns duplicates).
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -251,6 +252,17 @@ def test_redelivery_in_any_interleaving_equals_the_distinct_events_once(
     assert snapshot(redelivering) == snapshot(once)
     counted = [r.duplicates for v in map(redelivering.get, _jobs(events)) if v for r in v.history]
     assert sum(counted) == len(events) - len(distinct)
+
+
+@settings(max_examples=500, deadline=None)
+@given(events=redelivered())
+def test_one_event_at_a_time_is_a_batch_of_one(events: list[JobEvent]) -> None:
+    """``apply_one`` (replay's way) keeps and returns exactly what ``apply_batch`` does."""
+    now = datetime(2026, 1, 31, 12, tzinfo=UTC)
+    alone, batched_ = MemoryStore(clock=lambda: now), MemoryStore(clock=lambda: now)
+    for event in events:
+        assert alone.apply_one(event) == batched_.apply_batch([event])[0]
+    assert snapshot(alone) == snapshot(batched_)
 
 
 @settings(max_examples=500, deadline=None)

@@ -38,4 +38,9 @@ def _cause(row: HistoryRow) -> str:
     if row.kind == "lifecycle":
         return f"server verdict {row.action}"
     rule = f"{row.policy.name}:{row.policy.rule}" if row.policy else "?"
-    return f"{row.action} by {rule} ({row.site} {row.code} rc={row.return_code})"
+    return f"{row.action} by {rule} ({row.site} {row.code}{rc_text(row.return_code)})"
+
+
+def rc_text(return_code: int | None) -> str:
+    """`` rc=N`` after a code's name; nothing when the exit gave only the name."""
+    return "" if return_code is None else f" rc={return_code}"

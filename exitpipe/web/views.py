@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from consumers.explain import rc_text
 from consumers.policy import Decision
 from consumers.state import HistoryRow, Outcome
 from consumers.store import Cursor, JobSummary, JobView, PageQuery
@@ -157,7 +158,7 @@ def _row_text(row: HistoryRow, reason: str | None) -> str:
         what = f"lifecycle {row.action}"
     else:
         rule = f" by {row.policy.name}:{row.policy.rule}" if row.policy else ""
-        what = f"{row.site} {row.code} rc={row.return_code}: {row.action}{rule}"
+        what = f"{row.site} {row.code}{rc_text(row.return_code)}: {row.action}{rule}"
     text = f"{when} {what}: {row.outcome.value}"
     return f"{text} ({reason})" if reason else text
 
@@ -167,8 +168,8 @@ def _exit_mark(line: ExitLine) -> tuple[str, datetime, str, str, str]:
     ignored = decision.action is Action.IGNORE
     what = "not reported" if ignored else f"{decision.action.value}, not in the store"
     text = (
-        f"{event.occurred_at.strftime('%H:%M:%S')} {event.site} {event.effective_code.name} "
-        f"rc={event.return_code}: {what} ({decision.policy.rule})"
+        f"{event.occurred_at.strftime('%H:%M:%S')} {event.site} {event.effective_code.name}"
+        f"{rc_text(event.return_code)}: {what} ({decision.policy.rule})"
     )
     if event.reason:
         text += f" ({event.reason})"

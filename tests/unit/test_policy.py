@@ -550,7 +550,7 @@ def test_policy_as_dict_is_json_data() -> None:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
     """``exitpipe.cli.main`` with only the policy command group, whatever else is in progress."""
-    monkeypatch.setattr(exitpipe.cli, "COMMAND_MODULES", ("policy",))
+    monkeypatch.setattr(exitpipe.cli, "COMMAND_MODULES", {"policy": ("policy",)})
     monkeypatch.delenv("EXITPIPE_POLICY", raising=False)
     return lambda *argv: exitpipe.cli.main(list(argv))
 

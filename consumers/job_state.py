@@ -52,7 +52,7 @@ class JobStateHandler:
         names: Names,
         *,
         batch_size: int = 200,
-        batch_wait: float = 0.002,
+        batch_wait: float = 0.0,
     ) -> None:
         self.store = store
         self.names = names

@@ -53,7 +53,13 @@ class Settings(BaseSettings):
         200, ge=1, description="Most events the job-state consumer commits in one transaction."
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, description="Longest the job-state consumer waits to fill a batch."
+        0.0,
+        ge=0,
+        description=(
+            "Longest the job-state consumer waits to fill a batch. 0 takes what has arrived:"
+            " one event at a trickle, full batches under a flood (they gather while the last"
+            " one commits)."
+        ),
     )
     delivery_limit: int = Field(
         5, ge=1, description="Deliveries before a work-queue message is dead-lettered."

@@ -79,7 +79,7 @@ def _ms(value: float | None) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The results as a table for people."""
-    base = results.get("baseline", {}).get("max", {}).get("rate")
+    base = results["runs"].get("baseline", {}).get("max", {}).get("rate")
     head = [
         "run",
         "events/s",
@@ -91,6 +91,7 @@ def table(results: dict[str, Any]) -> str:
         "paced p95",
         "paced p99",
         "peak RSS MiB",
+        "CPU us/event at the maximum",
     ]
     rows = []
     for name, r in results["runs"].items():
@@ -109,6 +110,7 @@ def table(results: dict[str, Any]) -> str:
                 _ms(pc.get("p95")),
                 _ms(pc.get("p99")),
                 rss,
+                cpu_text(m.get("cpu_us", {})),
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
@@ -116,6 +118,14 @@ def table(results: dict[str, Any]) -> str:
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
     return "\n".join(lines)
+
+
+def cpu_text(cpu: dict[str, float]) -> str:
+    """``broker 120, relay 60, ...``: CPU microseconds per event of each process, and the sum."""
+    if not cpu:
+        return "-"
+    parts = [f"{role} {us:.0f}" for role, us in cpu.items()]
+    return ", ".join([*parts, f"total {sum(cpu.values()):.0f}"])
 
 
 def main(argv: list[str] | None = None) -> int:

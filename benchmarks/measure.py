@@ -103,6 +103,49 @@ def _rss(pid: int) -> int:
     return 0
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _broker_pid(url: str) -> int | None:
+    """The local RabbitMQ node's process, when ``url`` is on this machine (else None)."""
+    if pika.URLParameters(url).host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    found = subprocess.run(["pgrep", "-f", "beam.smp.*rabbit"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if len(pids) == 1 else None  # several nodes here: not ours to tell apart
+
+
+class CpuMeter:
+    """CPU used per event by each process of a run: where the time goes at full speed.
+
+    ``pids`` maps a role to a process; ``publisher`` is this process (it publishes, and
+    does little else while the run lasts); ``broker`` the local RabbitMQ node, when there is
+    exactly one.
+    """
+
+    def __init__(self, url: str, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        broker = _broker_pid(url)
+        if broker is not None:
+            self.pids["broker"] = broker
+        self.pids["publisher"] = os.getpid()
+        self._start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        return {role: _cpu_seconds(pid) for role, pid in self.pids.items()}
+
+    def per_event(self, events: int) -> dict[str, float]:
+        """Microseconds of CPU per event for each role since the meter was made."""
+        end = self._now()
+        return {role: (end[role] - self._start[role]) / events * 1e6 for role in self.pids}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,6 +248,7 @@ def _baseline_round(
     try:
         time.sleep(1.0)  # both consuming
         run = uuid.uuid4().hex[:6]
+        meter = CpuMeter(config.amqp_url, {"relay": relay.pid, "sink": sink.pid})
         t0 = time.time()
         raw_publish(
             config.amqp_url,
@@ -214,13 +258,17 @@ def _baseline_round(
             rate,
             exchange=f"{ns}.x1" if archive else "",
         )
-        out, _ = sink.communicate(timeout=600)
-        result = json.loads(out)
+        assert sink.stdout is not None
+        line = sink.stdout.readline()  # printed once it has every message, before it exits
+        cpu = meter.per_event(count)
+        rest, _ = sink.communicate(timeout=600)
+        result = json.loads(line + rest)
         rss = {"relay": _peak_rss(relay.pid)}
         return {
             "rate": count / (result["last"] - t0),
             **percentiles(result["latencies"]),
             "peak_rss": rss,
+            "cpu_us": cpu,
         }
     finally:
         relay.kill()
@@ -408,11 +456,17 @@ def measure_exitpipe(config: BenchConfig, store: str) -> dict[str, Any]:
             _wait_rows(probe, "warm-", config.warmup)
             log(f"exitpipe-{store}: {config.events} events at the maximum rate")
             run = f"max{uuid.uuid4().hex[:4]}"
+            meter = CpuMeter(config.amqp_url, pids)
             t0 = time.time()
             _publish_events(publisher, names, run, 0, config.events, None)
             _wait_rows(probe, f"{run}-", config.events)
+            cpu = meter.per_event(config.events)
             lat, last = probe.latencies(f"{run}-")
-            result["max"] = {"rate": config.events / (last - t0), **percentiles(lat)}
+            result["max"] = {
+                "rate": config.events / (last - t0),
+                **percentiles(lat),
+                "cpu_us": cpu,
+            }
             log(f"exitpipe-{store}: {result['max']['rate']:.0f} events/s")
             paced_n = int(config.rate * config.paced_seconds)
             log(f"exitpipe-{store}: {paced_n} events paced at {config.rate:.0f}/s")

@@ -58,6 +58,7 @@ def render(results: Sequence[dict[str, Any]], sources: Sequence[str]) -> str:
         "",
         *_spread(results),
         "",
+        *_cpu(results),
         *_replay(results),
         *_memory(results),
         "",
@@ -120,6 +121,27 @@ def _rounds_table(results: Sequence[dict[str, Any]]) -> list[str]:
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _cpu(results: Sequence[dict[str, Any]]) -> list[str]:
+    """CPU per event of each process at the maximum rate: where the time goes."""
+    lines = [
+        "CPU microseconds per event at the maximum rate, by process (user + system, from"
+        " /proc; `publisher` is the benchmark's own process; the two cores saturate, so the"
+        " total sets the rate):",
+        "",
+        "| round | run | per process | total |",
+        "|---|---|---|---|",
+    ]
+    found = False
+    for n, rnd in enumerate(_rounds(results), start=1):
+        for name, run in rnd["runs"].items():
+            cpu = run["max"].get("cpu_us")
+            if cpu:
+                found = True
+                parts = ", ".join(f"{role} {us:.0f}" for role, us in cpu.items())
+                lines.append(f"| {n} | {name} | {parts} | {sum(cpu.values()):.0f} |")
+    return [*lines, ""] if found else []
 
 
 def _spread(results: Sequence[dict[str, Any]]) -> list[str]:

@@ -57,6 +57,11 @@ def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
         assert r["paced"]["p99"] >= r["paced"]["p50"] > 0, name
     assert set(result["ratios"]) == {"exitpipe-sqlite", "exitpipe-postgres"}
     assert set(result["runs"]["exitpipe-sqlite"]["peak_rss"]) == {"job-state", "classifier-0"}
+    cpu = result["runs"]["exitpipe-sqlite"]["max"]["cpu_us"]
+    assert {"job-state", "classifier-0", "publisher"} <= set(cpu) and all(
+        us > 0 for us in cpu.values()
+    )
+    assert {"relay", "sink", "publisher"} <= set(result["runs"]["baseline"]["max"]["cpu_us"])
     assert len(result["rounds"]) == 2
     for rnd in result["rounds"]:
         for ratio in rnd["ratios"].values():
@@ -77,4 +82,6 @@ def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
     )
     assert page.returncode == 0, page.stderr
     assert page.stdout.startswith("# Performance") and "## Goals (issue 13)" in page.stdout
-    assert page.stdout.count("| exitpipe-sqlite |") == 2  # one row per round
+    # One row per round in the rounds table, and one in the CPU table.
+    assert page.stdout.count("| exitpipe-sqlite |") == 4
+    assert "CPU microseconds per event at the maximum rate" in page.stdout

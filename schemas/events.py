@@ -238,7 +238,7 @@ class Transition(_Message):
 
 
 Event = ExitEvent | LifecycleEvent | Transition
-_M = TypeVar("_M", ExitEvent, LifecycleEvent)
+_M = TypeVar("_M", ExitEvent, LifecycleEvent, Transition, Cause, PolicyRef)
 _V = TypeVar("_V")
 MODELS: dict[str, type[ExitEvent] | type[LifecycleEvent] | type[Transition]] = {
     EXIT_SCHEMA: ExitEvent,
@@ -351,6 +351,12 @@ _EXIT_KEYS = frozenset(
     | {"stage", "occurred_at"}
 )
 _LIFECYCLE_KEYS = frozenset({"schema", "event_id", "job_id", "status", "sites", "occurred_at"})
+_TRANSITION_KEYS = frozenset(
+    {"schema", "event_id", "job_id", "action", "target_status", "cause", "policy"}
+)
+_CAUSE_KEYS = frozenset({"site", "code", "return_code", "reason", "launcher", "occurred_at"})
+_POLICY_REF_KEYS = frozenset({"name", "version", "rule"})
+_ACTIONS = {Action.FAIL.value: Action.FAIL, Action.STOP.value: Action.STOP}
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _CODES = {c.name: c for c in Code}
 _LAUNCHERS = {m.value: m for m in Launcher}
@@ -385,7 +391,7 @@ def canonical_json(text: bytes) -> Any:
 def well_formed(obj: Any) -> Event | None:
     """The event of a decoded body in its plainest form, built without validation; else None.
 
-    Transitions (nested, and rarely read in bulk) always take the full path.
+    A transition, the job-state consumer's usual input, is three models in one.
     """
     if type(obj) is not dict:
         return None
@@ -394,6 +400,8 @@ def well_formed(obj: Any) -> Event | None:
         return _exit(obj, schema)
     if schema == LIFECYCLE_SCHEMA:
         return _lifecycle(obj)
+    if schema == TRANSITION_SCHEMA:
+        return _transition(obj)
     return None
 
 
@@ -457,6 +465,75 @@ def _lifecycle(obj: dict[str, Any]) -> LifecycleEvent | None:
         "occurred_at": when,
     }
     return _built(LifecycleEvent, values, obj)
+
+
+def _transition(obj: dict[str, Any]) -> Transition | None:
+    if not _TRANSITION_KEYS.issuperset(obj) or len(obj) != len(_TRANSITION_KEYS):
+        return None
+    event_id, job_id = _event_id(obj["event_id"]), obj["job_id"]
+    action, target = _member(_ACTIONS, obj["action"]), _member(_STATUSES, obj["target_status"])
+    if event_id is None or not _known(job_id) or action is None or target is None:
+        return None
+    if not target.terminal or target is JobStatus.FINISHED_COMPLETED:
+        return None
+    cause, policy = _cause(obj["cause"]), _policy_ref(obj["policy"])
+    if cause is None or policy is None:
+        return None
+    values = {
+        "schema_": TRANSITION_SCHEMA,
+        "event_id": event_id,
+        "job_id": job_id,
+        "action": action,
+        "target_status": target,
+        "cause": cause,
+        "policy": policy,
+    }
+    return _built(Transition, values, obj)
+
+
+def _cause(obj: Any) -> Cause | None:
+    if type(obj) is not dict or not _CAUSE_KEYS.issuperset(obj):
+        return None
+    site, code = obj.get("site"), _member(_CODES, obj.get("code"))
+    when = _when(obj.get("occurred_at"))
+    if not _known(site) or code is None or when is None:
+        return None
+    return_code = launcher = reason = None
+    if "return_code" in obj:
+        return_code = obj["return_code"]
+        if type(return_code) is not int or return_code not in _INT32:
+            return None
+    if "reason" in obj and (reason := _text(obj["reason"])) is None:
+        return None
+    if "launcher" in obj:
+        if (launcher := _member(_LAUNCHERS, obj["launcher"])) is None:
+            return None
+    else:
+        launcher = Launcher.PROCESS
+    values = {
+        "site": site,
+        "code": code,
+        "return_code": return_code,
+        "reason": reason,
+        "launcher": launcher,
+        "occurred_at": when,
+    }
+    return _built(Cause, values, obj)
+
+
+def _policy_ref(obj: Any) -> PolicyRef | None:
+    if type(obj) is not dict or obj.keys() != _POLICY_REF_KEYS:
+        return None
+    name, version, rule = _label(obj["name"]), _label(obj["version"]), _label(obj["rule"])
+    if name is None or version is None or rule is None:
+        return None
+    return _built(PolicyRef, {"name": name, "version": version, "rule": rule}, obj)
+
+
+def _label(value: Any) -> str | None:
+    if type(value) is not str or not 1 <= len(value) <= 128:
+        return None
+    return _text(value)
 
 
 def _built(model: type[_M], values: dict[str, Any], given: dict[str, Any]) -> _M:

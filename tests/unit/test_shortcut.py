@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers import replay
+from consumers.policy import decide, load_policy, transition_body
 from schemas.codes import Code, JobStatus, Launcher, Stage
 from schemas.events import (
     EXIT_SCHEMA,
@@ -30,6 +31,7 @@ from schemas.events import (
     Event,
     ExitEvent,
     LifecycleEvent,
+    Transition,
     canonical_json,
     parse_body,
     parse_object,
@@ -155,16 +157,63 @@ VALID_LIFECYCLE = st.fixed_dictionaries(
 )
 
 
+labels = st.one_of(
+    st.text(min_size=1, max_size=6),
+    st.sampled_from(["", "x" * 128, "x" * 129, "a\x00", "\ud800", None, 1]),
+)
+VALID_CAUSE = st.fixed_dictionaries(
+    {
+        "site": st.text(IDENT, min_size=1, max_size=8),
+        "code": st.sampled_from([c.name for c in Code]),
+        "occurred_at": times.filter(lambda t: isinstance(t, str) and t[:1].isdigit()),
+    },
+    optional={
+        "return_code": st.integers(-(2**31), 2**31 - 1),
+        "launcher": st.sampled_from([m.value for m in Launcher]),
+        "reason": st.text(max_size=10),
+    },
+)
+VALID_TRANSITION = st.fixed_dictionaries(
+    {
+        "schema": st.just(TRANSITION_SCHEMA),
+        "event_id": st.uuids().map(str),
+        "job_id": st.text(IDENT, min_size=1, max_size=8),
+        "action": st.sampled_from(["fail", "stop"]),
+        "target_status": st.sampled_from([m.value for m in JobStatus if m.terminal]),
+        "cause": VALID_CAUSE,
+        "policy": st.fixed_dictionaries(
+            {"name": st.just("nvflare-2.9"), "version": st.just("1"), "rule": st.just("r")}
+        ),
+    }
+)
+TRANSITION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "action": st.sampled_from(["fail", "stop", "ignore", "FAIL", None, 1]),
+    "target_status": statuses,
+    "cause": st.one_of(VALID_CAUSE, st.none(), st.integers()),
+    "policy": st.one_of(st.none(), st.just({"name": "n", "version": "1"})),
+}
+CAUSE_FIELDS = {name: FIELDS[name] for name in ("site", "launcher", "reason", "occurred_at")}
+CAUSE_FIELDS |= {"code": codes, "return_code": return_codes, "stage": stages}
+
+
 @st.composite
 def bodies(draw: st.DrawFn) -> dict[str, Any]:
     """Decoded bodies near the valid ones: a valid body with a few fields changed or removed."""
-    body: dict[str, Any] = dict(draw(st.one_of(VALID_EXIT, VALID_LIFECYCLE)))
+    body: dict[str, Any] = dict(draw(st.one_of(VALID_EXIT, VALID_LIFECYCLE, VALID_TRANSITION)))
+    fields = {**FIELDS, **TRANSITION_FIELDS}
     for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from(["schema", *FIELDS]))
+        where, names = body, fields
+        if isinstance(body.get("cause"), dict) and draw(st.booleans()):
+            where = body["cause"] = dict(body["cause"])
+            names = CAUSE_FIELDS
+        elif isinstance(body.get("policy"), dict) and draw(st.integers(0, 3)) == 0:
+            where = body["policy"] = dict(body["policy"])
+            names = {"name": labels, "version": labels, "rule": labels, "extra": labels}
+        name = draw(st.sampled_from(sorted(names) + (["schema"] if where is body else [])))
         if draw(st.integers(0, 4)) == 0:
-            body.pop(name, None)
+            where.pop(name, None)
         else:
-            body[name] = draw(schemas if name == "schema" else FIELDS[name])
+            where[name] = draw(schemas if name == "schema" else names[name])
     return body
 
 
@@ -176,7 +225,16 @@ def _same(fast: Event, slow: Event) -> None:
     assert fast.to_json() == slow.to_json()
     for name, value in slow.__dict__.items():
         assert type(fast.__dict__[name]) is type(value), name
-    assert fast.occurred_at.utcoffset() == slow.occurred_at.utcoffset()
+    if isinstance(slow, Transition):
+        assert isinstance(fast, Transition)
+        for part in ("cause", "policy"):
+            fast_part, slow_part = getattr(fast, part), getattr(slow, part)
+            assert fast_part.model_fields_set == slow_part.model_fields_set
+            for name, value in slow_part.__dict__.items():
+                assert type(fast_part.__dict__[name]) is type(value), name
+        assert fast.cause.occurred_at.utcoffset() == slow.cause.occurred_at.utcoffset()
+    else:
+        assert fast.occurred_at.utcoffset() == slow.occurred_at.utcoffset()
 
 
 def _full(obj: Any) -> Event | str:
@@ -354,3 +412,13 @@ def test_an_exported_line_takes_the_shortcut() -> None:
     checks = replay.Checks(Names("ns1"))
     assert replay._well_formed_line(orjson.dumps(envelope) + b"\n", checks) == event
     assert replay._well_formed_line(event.to_json() + b"\n", checks) == event
+
+
+@pytest.mark.parametrize("reason", [None, "Traceback: é"])
+def test_what_the_classifier_forwards_takes_the_shortcut(reason: str | None) -> None:
+    event = _exit(reason=reason, launcher=Launcher.DOCKER)
+    policy = load_policy("nvflare-2.9")
+    body = transition_body(event, decide(event, policy))
+    fast = well_formed(canonical_json(body))
+    assert fast is not None, "the job-state consumer's input went down the slow path"
+    _same(fast, parse_object(read_json(body)))

@@ -8,6 +8,7 @@ field means a new schema version.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
 from uuid import UUID, SafeUUID
@@ -357,6 +358,7 @@ _TRANSITION_KEYS = frozenset(
 _CAUSE_KEYS = frozenset({"site", "code", "return_code", "reason", "launcher", "occurred_at"})
 _POLICY_REF_KEYS = frozenset({"name", "version", "rule"})
 _ACTIONS = {Action.FAIL.value: Action.FAIL, Action.STOP.value: Action.STOP}
+_BAD: Any = object()  # a field given, but not in its plainest form
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _CODES = {c.name: c for c in Code}
 _LAUNCHERS = {m.value: m for m in Launcher}
@@ -412,22 +414,11 @@ def _exit(obj: dict[str, Any], schema: str) -> ExitEvent | None:
     job_id, site = obj.get("job_id"), obj.get("site")
     if event_id is None or when is None or not _known(job_id) or not _known(site):
         return None
-    code = return_code = launcher = reason = stage = None
-    if "code" in obj and (code := _member(_CODES, obj["code"])) is None:
+    code, return_code, launcher, reason = _plain(obj, "code", _code), *_details(obj)
+    stage = _plain(obj, "stage", _stage)
+    if _BAD in (code, return_code, launcher, reason, stage) or code is return_code is None:
         return None
-    if "return_code" in obj:
-        return_code = obj["return_code"]
-        if type(return_code) is not int or return_code not in _INT32:
-            return None
-    elif code is None:
-        return None
-    if "launcher" in obj and (launcher := _member(_LAUNCHERS, obj["launcher"])) is None:
-        return None
-    if "stage" in obj:
-        stage = _member(_STAGES, obj["stage"])
-        if stage is None or schema != EXIT_SCHEMA:
-            return None
-    if "reason" in obj and (reason := _text(obj["reason"])) is None:
+    if stage is not None and schema != EXIT_SCHEMA:
         return None
     values = {
         "schema_": schema,
@@ -498,17 +489,10 @@ def _cause(obj: Any) -> Cause | None:
     when = _when(obj.get("occurred_at"))
     if not _known(site) or code is None or when is None:
         return None
-    return_code = launcher = reason = None
-    if "return_code" in obj:
-        return_code = obj["return_code"]
-        if type(return_code) is not int or return_code not in _INT32:
-            return None
-    if "reason" in obj and (reason := _text(obj["reason"])) is None:
+    return_code, launcher, reason = _details(obj)
+    if _BAD in (return_code, launcher, reason):
         return None
-    if "launcher" in obj:
-        if (launcher := _member(_LAUNCHERS, obj["launcher"])) is None:
-            return None
-    else:
+    if launcher is None:
         launcher = Launcher.PROCESS
     values = {
         "site": site,
@@ -519,6 +503,39 @@ def _cause(obj: Any) -> Cause | None:
         "occurred_at": when,
     }
     return _built(Cause, values, obj)
+
+
+def _details(obj: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The optional ``return_code``, ``launcher`` and ``reason`` of an exit or a cause."""
+    return (
+        _plain(obj, "return_code", _int32),
+        _plain(obj, "launcher", _launcher),
+        _plain(obj, "reason", _text),
+    )
+
+
+def _plain(obj: dict[str, Any], name: str, read: Callable[[Any], Any]) -> Any:
+    """``obj[name]`` as ``read`` makes it; None when absent, _BAD when not in its plainest form."""
+    if name not in obj:
+        return None
+    value = read(obj[name])
+    return _BAD if value is None else value
+
+
+def _int32(value: Any) -> int | None:
+    return value if type(value) is int and value in _INT32 else None
+
+
+def _code(value: Any) -> Code | None:
+    return _member(_CODES, value)
+
+
+def _launcher(value: Any) -> Launcher | None:
+    return _member(_LAUNCHERS, value)
+
+
+def _stage(value: Any) -> Stage | None:
+    return _member(_STAGES, value)
 
 
 def _policy_ref(obj: Any) -> PolicyRef | None:

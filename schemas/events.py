@@ -368,7 +368,9 @@ _INT32 = range(-(2**31), 2**31)
 _FIELDS_SET: dict[tuple[str, ...], frozenset[str]] = {}  # by the order of the body's keys
 _FIELDS_SET_LIMIT = 256
 _known_identifiers: set[str] = set()  # identifiers already checked (job ids, sites repeat)
-_KNOWN_LIMIT = 100_000
+# Small, and emptied when full: a daemon lives long and sees ever new job ids, and its memory
+# must not grow with them (100,000 kept ids were a quarter of a daemon's RSS).
+_KNOWN_LIMIT = 4096
 _new_object = object.__new__
 _set = object.__setattr__
 

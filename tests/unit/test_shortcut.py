@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import schemas.events as events_module
 from consumers import replay
 from consumers.policy import decide, load_policy, transition_body
 from schemas.codes import Code, JobStatus, Launcher, Stage
@@ -422,3 +423,10 @@ def test_what_the_classifier_forwards_takes_the_shortcut(reason: str | None) -> 
     fast = well_formed(canonical_json(body))
     assert fast is not None, "the job-state consumer's input went down the slow path"
     _same(fast, parse_object(read_json(body)))
+
+
+def test_the_identifiers_it_remembers_stay_few_however_many_jobs_it_sees() -> None:
+    # A daemon lives long and sees ever new job ids: its memory must not grow with them.
+    for n in range(3 * events_module._KNOWN_LIMIT):
+        assert well_formed(orjson.loads(_exit(job_id=f"job-{n}").to_json())) is not None
+    assert len(events_module._known_identifiers) <= events_module._KNOWN_LIMIT

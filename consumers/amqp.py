@@ -34,7 +34,7 @@ from pika.spec import Basic, BasicProperties
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from consumers.observe import DEAD_LETTERED, LOOP_ERRORS
-from producers.connection import Nodes, each_node_first
+from producers.connection import Nodes, OneWriteConnection, each_node_first
 from schemas.topology import ERROR_HEADER, SENDER_HEADER, SOURCE_HEADER
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class Consumer:
         # The login, which the broker checks a dead letter's user_id against.
         self._user_id = getattr(params.credentials, "username", None) or None
         self._ever_consumed = False
-        self._connection = SelectConnection(
+        self._connection = OneWriteConnection(
             params,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,

@@ -57,7 +57,7 @@ from tenacity import (
 )
 
 from producers.connection import LOGIN_REFUSED as LOGIN_REFUSED
-from producers.connection import Nodes, login_refused
+from producers.connection import Nodes, OneWriteConnection, login_refused
 from producers.errors import BrokerError, BrokerUnreachable, PublishRefused, Unroutable, redact
 from schemas.events import Event
 from schemas.topology import Names, route
@@ -221,7 +221,7 @@ class _Link:
         self._tag = 0
         self._until: Callable[[], bool] | None = None
         self._timer: Any = None
-        self._conn = pika.SelectConnection(
+        self._conn = OneWriteConnection(
             params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_failed,

@@ -21,6 +21,7 @@ GOALS = (
     ("paced p99 ratio", "paced_p99", "<=", 3.0),
 )
 REPLAY_GOAL = 100_000  # events/s, whole process, output included
+MEMORY_GOAL = 1.2  # a daemon's RSS after the most events over after the fewest
 
 METHOD = """\
 `python -m benchmarks` runs each measurement in a fresh namespace on the broker, every consumer
@@ -38,8 +39,6 @@ for."""
 
 def render(results: Sequence[dict[str, Any]], sources: Sequence[str]) -> str:
     """The whole page."""
-    first = results[0]
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first["started"]))
     lines = [
         "# Performance",
         "",
@@ -51,8 +50,7 @@ def render(results: Sequence[dict[str, Any]], sources: Sequence[str]) -> str:
         "",
         "## The run",
         "",
-        f"- date: {when}; command: `{_command(first)}`",
-        f"- machine: {_machine(first.get('machine', {}))}",
+        *_runs(results),
         "",
         *_rounds_table(results),
         "",
@@ -69,11 +67,27 @@ def render(results: Sequence[dict[str, Any]], sources: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _runs(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Each run: when, with what command, on what machine (one after the other when several)."""
+    lines = []
+    for n, result in enumerate(results, start=1):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result["started"]))
+        label = f"run {n}: " if len(results) > 1 else ""
+        lines.append(f"- {label}date: {when}; command: `{_command(result)}`")
+        lines.append(f"  machine: {_machine(result.get('machine', {}))}")
+    return lines
+
+
 def _command(result: dict[str, Any]) -> str:
     c = result["config"]
+    replays = _replays([result])
+    extra = f" --replay-events {replays[0]['events']}" if replays else " --replay-events 0"
+    if result.get("memory"):
+        extra += f" --memory {','.join(sorted(result['memory'], key=int))}"
     return (
         f"python -m benchmarks -n {c['events']} --rate {c['rate']:.0f} "
-        f"--paced-seconds {c['paced_seconds']:g} --repeat {c.get('repeat', 1)} --out docs/bench"
+        f"--paced-seconds {c['paced_seconds']:g} --repeat {c.get('repeat', 1)}{extra}"
+        " --out docs/bench"
     )
 
 
@@ -141,7 +155,29 @@ def _cpu(results: Sequence[dict[str, Any]]) -> list[str]:
                 found = True
                 parts = ", ".join(f"{role} {us:.0f}" for role, us in cpu.items())
                 lines.append(f"| {n} | {name} | {parts} | {sum(cpu.values()):.0f} |")
-    return [*lines, ""] if found else []
+    if not found:
+        return []
+    return [*lines, "", *_cpu_gap(results)]
+
+
+def _cpu_gap(results: Sequence[dict[str, Any]]) -> list[str]:
+    """What exitpipe-sqlite spends per event beyond the baseline, by part, in each round."""
+    lines = []
+    for n, rnd in enumerate(_rounds(results), start=1):
+        base = rnd["runs"].get("baseline", {}).get("max", {}).get("cpu_us")
+        ours = rnd["runs"].get("exitpipe-sqlite", {}).get("max", {}).get("cpu_us")
+        if not base or not ours or "broker" not in base or "broker" not in ours:
+            continue
+        daemons = sum(v for k, v in ours.items() if k not in ("broker", "publisher"))
+        relays = sum(v for k, v in base.items() if k not in ("broker", "publisher"))
+        lines.append(
+            f"- round {n}: exitpipe-sqlite uses {sum(ours.values()) - sum(base.values()):+.0f} us"
+            f" per event more than the baseline: broker {ours['broker'] - base['broker']:+.0f},"
+            f" daemons over relay and sink {daemons - relays:+.0f}, publisher"
+            f" {ours['publisher'] - base['publisher']:+.0f}; with both cores saturated the"
+            f" rate ratio this allows is {sum(base.values()) / sum(ours.values()):.2f}"
+        )
+    return [*lines, ""] if lines else []
 
 
 def _spread(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -189,12 +225,37 @@ def _replay(results: Sequence[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _memories(results: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, int]]]:
+    return [r["memory"] for r in results if r.get("memory")]
+
+
+def _growth(memory: dict[str, dict[str, int]]) -> dict[str, tuple[int, int, float]]:
+    """Each daemon's RSS after the fewest and the most events, and the ratio of the two."""
+    small, large = sorted(memory, key=int)[0], sorted(memory, key=int)[-1]
+    return {
+        role: (memory[small][role], memory[large][role], memory[large][role] / memory[small][role])
+        for role in memory[small]
+    }
+
+
 def _memory(results: Sequence[dict[str, Any]]) -> list[str]:
-    memory = next((r["memory"] for r in results if r.get("memory")), None)
-    if not memory:
+    memories = _memories(results)
+    if not memories:
         return []
-    return ["Daemon memory (RSS) after a small and a large number of events:", "", "```",
-            json.dumps(memory, indent=2), "```"]  # fmt: skip
+    lines = [
+        "Daemon memory (RSS, SQLite store) after a small and a large number of events:",
+        "",
+        "| run | daemon | events | RSS MiB | events | RSS MiB | growth |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, memory in enumerate(memories, start=1):
+        small, large = sorted(memory, key=int)[0], sorted(memory, key=int)[-1]
+        for role, (before, after, ratio) in _growth(memory).items():
+            lines.append(
+                f"| {n} | {role} | {int(small):,} | {before / 2**20:.0f} | {int(large):,} |"
+                f" {after / 2**20:.0f} | {ratio - 1:+.0%} |"
+            )
+    return [*lines, ""]
 
 
 def _goals(results: Sequence[dict[str, Any]]) -> list[str]:
@@ -219,6 +280,11 @@ def _goals(results: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| replay --file ({form}) >= {REPLAY_GOAL:,}/s | {shown} | {'yes' if met else 'no'} |"
         )
+    growths = [g for m in _memories(results) for g in _growth(m).values()]
+    if growths:
+        met = all(ratio <= MEMORY_GOAL for _, _, ratio in growths)
+        shown = ", ".join(f"{ratio - 1:+.0%}" for _, _, ratio in growths)
+        lines.append(f"| daemon memory growth <= +20% | {shown} | {'yes' if met else 'no'} |")
     return lines
 
 

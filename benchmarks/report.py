@@ -171,8 +171,9 @@ def _cpu_gap(results: Sequence[dict[str, Any]]) -> list[str]:
         daemons = sum(v for k, v in ours.items() if k not in ("broker", "publisher"))
         relays = sum(v for k, v in base.items() if k not in ("broker", "publisher"))
         lines.append(
-            f"- round {n}: exitpipe-sqlite uses {sum(ours.values()) - sum(base.values()):+.0f} us"
-            f" per event more than the baseline: broker {ours['broker'] - base['broker']:+.0f},"
+            f"- round {n}: exitpipe-sqlite against the baseline, CPU per event:"
+            f" {sum(ours.values()) - sum(base.values()):+.0f} us in all; broker"
+            f" {ours['broker'] - base['broker']:+.0f},"
             f" daemons over relay and sink {daemons - relays:+.0f}, publisher"
             f" {ours['publisher'] - base['publisher']:+.0f}; with both cores saturated the"
             f" rate ratio this allows is {sum(base.values()) / sum(ours.values()):.2f}"
@@ -213,14 +214,14 @@ def _replay(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "`exitpipe replay --file` of a realistic archive, whole process, output to a file:",
         "",
-        "| events | --json events/s | --json s | text events/s | text s |",
-        "|---|---|---|---|---|",
+        "| round | events | --json events/s | --json s | text events/s | text s |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in replays:
+    for n, r in enumerate(replays, start=1):
         j, t = r["json"], r["text"]
         lines.append(
-            f"| {r['events']:,} | {j['rate']:,.0f} | {j['wall_s']:.2f} | {t['rate']:,.0f} |"
-            f" {t['wall_s']:.2f} |"
+            f"| {n} | {r['events']:,} | {j['rate']:,.0f} | {j['wall_s']:.2f} |"
+            f" {t['rate']:,.0f} | {t['wall_s']:.2f} |"
         )
     return [*lines, ""]
 

@@ -58,9 +58,9 @@ def test_benchmark_smoke_run_prints_rates_latencies_and_the_ratio(
     assert set(result["ratios"]) == {"exitpipe-sqlite", "exitpipe-postgres"}
     assert set(result["runs"]["exitpipe-sqlite"]["peak_rss"]) == {"job-state", "classifier-0"}
     cpu = result["runs"]["exitpipe-sqlite"]["max"]["cpu_us"]
-    assert {"job-state", "classifier-0", "publisher"} <= set(cpu) and all(
-        us > 0 for us in cpu.values()
-    )
+    # 300 events are a few clock ticks of CPU: a process may show none, the run cannot.
+    assert {"job-state", "classifier-0", "publisher"} <= set(cpu)
+    assert all(us >= 0 for us in cpu.values()) and sum(cpu.values()) > 0
     assert {"relay", "sink", "publisher"} <= set(result["runs"]["baseline"]["max"]["cpu_us"])
     assert len(result["rounds"]) == 2
     for rnd in result["rounds"]:

@@ -465,7 +465,7 @@ def test_build_context_makes_the_wheel_the_image_installs(tmp_path: Path) -> Non
     }
     assert expected - names == set(), "files the image would lack"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "exitpipe = exitpipe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "exitpipe = exitpipe.cli:console" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 # -- systemd units ---------------------------------------------------------------------------

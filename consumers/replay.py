@@ -250,7 +250,8 @@ def _well_formed_line(line: bytes, checks: Checks) -> Event | None:
     event = well_formed(obj["body"])
     if event is None:
         return None
-    return _checked(obj, event, checks)
+    _within_limit(len(orjson.dumps(obj["body"])))
+    return _checked((ns, key, sender), event, checks)
 
 
 def _within_limit(size: int) -> None:
@@ -270,13 +271,15 @@ def _enveloped(envelope: dict[str, object], checks: Checks) -> Event:
         raise BadMessage("routing_key: the envelope needs the message's routing key")
     if sender is not None and not isinstance(sender, str):
         raise BadMessage("sender: must be a string or null")
-    return _checked(envelope, parse_object(envelope["body"]), checks)
+    body = envelope["body"]
+    _within_limit(len(orjson.dumps(body)))  # at least its compact form, as export writes it
+    return _checked((ns, key, sender), parse_object(body), checks)
 
 
-def _checked(envelope: dict[str, Any], event: Event, checks: Checks) -> Event:
-    """``event``, from the body of a valid envelope, unless the live daemons refuse it."""
-    _within_limit(len(orjson.dumps(envelope["body"])))  # at least its compact form
-    ns, key, sender = envelope["namespace"], envelope["routing_key"], envelope["sender"]
+def _checked(where: tuple[str, str, str | None], event: Event, checks: Checks) -> Event:
+    """``event``, from an envelope's body, unless the live daemons refuse it from ``where``
+    (the envelope's namespace, routing key and sender)."""
+    ns, key, sender = where
     names = checks.names if ns == checks.names.ns else Names(ns)
     problem = checks.refusal(names, key, event, sender)
     if problem:

@@ -378,10 +378,12 @@ envelopes = st.fixed_dictionaries(
     {
         "namespace": st.sampled_from(["ns1", "ns2", "", None, 3]),
         "routing_key": st.sampled_from(["exit.site-1", "exit.s", "lifecycle.RUNNING", "x", None]),
-        "sender": st.sampled_from([None, "ns1-site-site-1", "ns1-server", "guest", 7]),
         "body": bodies(),
     },
-    optional={"extra": st.integers()},
+    optional={
+        "sender": st.sampled_from([None, "ns1-site-site-1", "ns1-server", "guest", 7]),
+        "extra": st.integers(),
+    },
 )
 
 
@@ -430,3 +432,11 @@ def test_the_identifiers_it_remembers_stay_few_however_many_jobs_it_sees() -> No
     for n in range(3 * events_module._KNOWN_LIMIT):
         assert well_formed(orjson.loads(_exit(job_id=f"job-{n}").to_json())) is not None
     assert len(events_module._known_identifiers) <= events_module._KNOWN_LIMIT
+
+
+def test_an_envelope_without_a_sender_is_replayed_as_one_with_none() -> None:
+    event = _exit()
+    line = orjson.dumps(
+        {"namespace": "ns1", "routing_key": "exit.site-1", "body": orjson.loads(event.to_json())}
+    )
+    assert list(replay.parse_lines([line], replay.Checks(Names("ns1")))) == [event]

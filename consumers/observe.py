@@ -78,7 +78,8 @@ class _Pending:
     LINES = 256
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler that logs can run while this thread is writing lines.
+        self._lock = threading.RLock()
         self._lines: list[bytes] = []
 
     def add(self, data: bytes) -> None:

@@ -62,3 +62,29 @@ def test_a_decision_line_is_written_within_its_interval_while_the_daemon_runs() 
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_log_record_made_while_lines_are_being_written_does_not_hang_the_daemon() -> None:
+    # A signal handler that logs (the daemons' SIGTERM handler does) can run in the middle of
+    # writing decision lines, on the same thread: it must not wait for itself.
+    script = textwrap.dedent(
+        """
+        import logging
+        import consumers.observe as observe
+        observe.setup_logging("text")
+        write = observe._write
+        def write_then_log(data):
+            observe._write = write
+            logging.getLogger("exitpipe").warning("signal SIGTERM: stopping")
+            write(data)
+        observe._write = write_then_log
+        log = observe.DecisionLog("exitpipe.classifier")
+        log.emit("decision", {"n": 1})
+        observe.PENDING.flush()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "signal SIGTERM: stopping" in out.stderr and "decision n=1" in out.stderr

@@ -19,6 +19,7 @@ written ``%2C``.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,9 @@ def connect_blocking(parameters: Sequence[Any]) -> Any:
     raise error
 
 
+_TIMER_LOST = 0.5  # seconds: a zero timer not run by then was dropped
+
+
 class OneWriteConnection(SelectConnection):  # type: ignore[misc]
     """A ``SelectConnection`` that gives the socket what a turn of its loop wrote as one write.
 
@@ -220,17 +224,20 @@ class OneWriteConnection(SelectConnection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._outgoing = bytearray()
-        self._frames_waiting = False
+        self._timer_set: float | None = None  # when the zero timer that sends them was set
         super().__init__(*args, **kwargs)
 
     def _adapter_emit_data(self, data: bytes) -> None:
         self._outgoing += data
-        if not self._frames_waiting:
-            self._frames_waiting = True
+        now = time.monotonic()
+        # pika drops the other due timers of a turn when one of them raises: a timer set
+        # long ago that never ran is set again, so frames never wait for good.
+        if self._timer_set is None or now - self._timer_set > _TIMER_LOST:
+            self._timer_set = now
             self.ioloop.call_later(0, self._emit_outgoing)
 
     def _emit_outgoing(self) -> None:
-        self._frames_waiting = False
+        self._timer_set = None
         if self._outgoing and self._transport is not None:
             data, self._outgoing = bytes(self._outgoing), bytearray()
             super()._adapter_emit_data(data)

@@ -71,3 +71,39 @@ def test_a_turn_of_publishes_is_one_write_and_every_message_arrives_in_order(
         assert bodies == [f"{n}".encode() for n in range(count)]
     finally:
         check.close()
+
+
+def test_frames_still_go_out_after_a_turn_whose_timers_pika_dropped(
+    amqp_url: str, queue: str
+) -> None:
+    # When one due timer raises, pika drops the turn's other due timers, the one that sends
+    # the gathered frames included. The loop is started again (as the consumer does after an
+    # error in its loop); what is written later still goes out, with what was waiting.
+    state: dict[str, Any] = {"confirmed": 0}
+
+    def boom() -> None:
+        raise RuntimeError("a timer that fails")
+
+    def on_confirm(frame: Any) -> None:
+        state["confirmed"] = frame.method.delivery_tag
+        if state["confirmed"] == 2:
+            conn.close()
+
+    def first(channel: Any) -> None:
+        conn.ioloop.call_later(0, boom)
+        channel.basic_publish("", queue, b"first")  # its zero timer is set after boom's
+        conn.ioloop.call_later(0.8, lambda: channel.basic_publish("", queue, b"second"))
+
+    def on_channel(channel: Any) -> None:
+        channel.confirm_delivery(on_confirm, callback=lambda _f: first(channel))
+
+    conn = OneWriteConnection(
+        Nodes(amqp_url).current,
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, _r: c.ioloop.stop(),
+    )
+    conn.ioloop.call_later(10, conn.ioloop.stop)  # a stuck connection fails, never hangs
+    with pytest.raises(RuntimeError, match="a timer that fails"):
+        conn.ioloop.start()
+    conn.ioloop.start()
+    assert state["confirmed"] == 2, "frames written after the dropped timer never went out"

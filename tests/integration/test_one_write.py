@@ -25,6 +25,15 @@ def queue(amqp_url: str, namespace: str) -> Iterator[str]:
     conn.close()
 
 
+def _connect(amqp_url: str, on_channel: Any) -> OneWriteConnection:
+    """A connection that opens a channel and stops its loop once closed."""
+    return OneWriteConnection(
+        Nodes(amqp_url).current,
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, _r: c.ioloop.stop(),
+    )
+
+
 def test_a_turn_of_publishes_is_one_write_and_every_message_arrives_in_order(
     amqp_url: str, queue: str
 ) -> None:
@@ -52,11 +61,7 @@ def test_a_turn_of_publishes_is_one_write_and_every_message_arrives_in_order(
     def on_channel(channel: Any) -> None:
         channel.confirm_delivery(on_confirm, callback=lambda _f: publish_all(channel))
 
-    conn = OneWriteConnection(
-        Nodes(amqp_url).current,
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda c, _r: c.ioloop.stop(),
-    )
+    conn = _connect(amqp_url, on_channel)
     conn.ioloop.start()
 
     assert state["confirmed"] == count
@@ -97,11 +102,7 @@ def test_frames_still_go_out_after_a_turn_whose_timers_pika_dropped(
     def on_channel(channel: Any) -> None:
         channel.confirm_delivery(on_confirm, callback=lambda _f: first(channel))
 
-    conn = OneWriteConnection(
-        Nodes(amqp_url).current,
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda c, _r: c.ioloop.stop(),
-    )
+    conn = _connect(amqp_url, on_channel)
     conn.ioloop.call_later(10, conn.ioloop.stop)  # a stuck connection fails, never hangs
     with pytest.raises(RuntimeError, match="a timer that fails"):
         conn.ioloop.start()

@@ -230,9 +230,15 @@ def _memories(results: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, int
     return [r["memory"] for r in results if r.get("memory")]
 
 
+def _ends(memory: dict[str, dict[str, int]]) -> tuple[str, str]:
+    """The fewest and the most events the memory was measured after."""
+    marks = sorted(memory, key=int)
+    return marks[0], marks[-1]
+
+
 def _growth(memory: dict[str, dict[str, int]]) -> dict[str, tuple[int, int, float]]:
     """Each daemon's RSS after the fewest and the most events, and the ratio of the two."""
-    small, large = sorted(memory, key=int)[0], sorted(memory, key=int)[-1]
+    small, large = _ends(memory)
     return {
         role: (memory[small][role], memory[large][role], memory[large][role] / memory[small][role])
         for role in memory[small]
@@ -250,7 +256,7 @@ def _memory(results: Sequence[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for n, memory in enumerate(memories, start=1):
-        small, large = sorted(memory, key=int)[0], sorted(memory, key=int)[-1]
+        small, large = _ends(memory)
         for role, (before, after, ratio) in _growth(memory).items():
             lines.append(
                 f"| {n} | {role} | {int(small):,} | {before / 2**20:.0f} | {int(large):,} |"

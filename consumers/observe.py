@@ -81,14 +81,28 @@ class _Pending:
         # Reentrant: a signal handler that logs can run while this thread is writing lines.
         self._lock = threading.RLock()
         self._lines: list[bytes] = []
+        self._flusher: threading.Thread | None = None
 
     def add(self, data: bytes) -> None:
         with self._lock:
             self._lines.append(data)
-            if len(self._lines) < self.LINES:
-                return
-            lines, self._lines = self._lines, []
-            _write(b"".join(lines))
+            if len(self._lines) >= self.LINES:
+                self.flush()
+
+    def flush_every(self, interval: float) -> None:
+        """Write waiting lines every ``interval`` seconds from a background thread (one per
+        process, however many ``DecisionLog``s there are)."""
+        with self._lock:
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_forever, args=(interval,), daemon=True
+                )
+                self._flusher.start()
+
+    def _flush_forever(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:
@@ -183,7 +197,7 @@ class DecisionLog:
         self._second = -1
         self._prefix = ""
         if self.enabled:
-            threading.Thread(target=self._flusher, args=(interval,), daemon=True).start()
+            PENDING.flush_every(interval)
 
     def emit(self, msg: str, fields: dict[str, Any]) -> None:
         """Write one decision line: ``msg k=v ...`` as text, or a JSON object."""
@@ -202,9 +216,3 @@ class DecisionLog:
             pairs = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{ts} INFO {self.name} {msg} {pairs}"
         PENDING.add((line + "\n").encode())
-
-    @staticmethod
-    def _flusher(interval: float) -> None:
-        while True:
-            time.sleep(interval)
-            PENDING.flush()

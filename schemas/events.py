@@ -348,8 +348,18 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 # builds, for any input.
 
 _EXIT_KEYS = frozenset(
-    {"schema", "event_id", "job_id", "site", "launcher", "code", "return_code", "reason"}
-    | {"stage", "occurred_at"}
+    {
+        "schema",
+        "event_id",
+        "job_id",
+        "site",
+        "launcher",
+        "code",
+        "return_code",
+        "reason",
+        "stage",
+        "occurred_at",
+    }
 )
 _LIFECYCLE_KEYS = frozenset({"schema", "event_id", "job_id", "status", "sites", "occurred_at"})
 _TRANSITION_KEYS = frozenset(
@@ -461,7 +471,7 @@ def _lifecycle(obj: dict[str, Any]) -> LifecycleEvent | None:
 
 
 def _transition(obj: dict[str, Any]) -> Transition | None:
-    if not _TRANSITION_KEYS.issuperset(obj) or len(obj) != len(_TRANSITION_KEYS):
+    if obj.keys() != _TRANSITION_KEYS:  # every field of a transition is required
         return None
     event_id, job_id = _event_id(obj["event_id"]), obj["job_id"]
     action, target = _member(_ACTIONS, obj["action"]), _member(_STATUSES, obj["target_status"])
@@ -487,7 +497,7 @@ def _transition(obj: dict[str, Any]) -> Transition | None:
 def _cause(obj: Any) -> Cause | None:
     if type(obj) is not dict or not _CAUSE_KEYS.issuperset(obj):
         return None
-    site, code = obj.get("site"), _member(_CODES, obj.get("code"))
+    site, code = obj.get("site"), _code(obj.get("code"))
     when = _when(obj.get("occurred_at"))
     if not _known(site) or code is None or when is None:
         return None

@@ -26,6 +26,17 @@ class _JobRecord:
     updated_at: datetime
 
 
+def _applied(
+    event: JobEvent, seen: HistoryRow | None, job: Job | None, now: datetime
+) -> tuple[Applied, Job | None]:
+    """What ``event`` does: counted as a duplicate of ``seen``, or applied to ``job`` (None: a
+    job not seen before); with the job after it, None for a duplicate."""
+    if seen is not None:
+        return Applied(row=replace(seen, duplicates=seen.duplicates + 1), duplicate=True), None
+    after, row = apply(job or Job(job_id=event.job_id), event, now)
+    return Applied(row=normalised(row), duplicate=False), after
+
+
 class _Batch:
     """Writes of one batch, read through before the committed state."""
 
@@ -62,43 +73,30 @@ class MemoryStore:
         applies. Replay applies every event alone, and the overlay was a third of that."""
         with self._lock:
             now = utc(self._clock())
-            event_id = event.event_id
+            event_id, job_id = event.event_id, event.job_id
             seen = self._rows.get(event_id)
-            if seen is not None:
-                counted = replace(seen, duplicates=seen.duplicates + 1)
-                self._rows[event_id] = counted
-                return Applied(row=counted, duplicate=True)
-            job_id = event.job_id
-            record = self._jobs.get(job_id)
-            after, row = apply(record.job if record else Job(job_id=job_id), event, now)
-            row = normalised(row)
-            self._jobs[job_id] = _JobRecord(after, now)
-            self._rows[event_id] = row
-            order = self._order.get(job_id)
-            if order is None:
-                self._order[job_id] = [event_id]
-            else:
-                order.append(event_id)
-            return Applied(row=row, duplicate=False)
+            record = self._jobs.get(job_id) if seen is None else None
+            applied, after = _applied(event, seen, record.job if record else None, now)
+            self._rows[event_id] = applied.row
+            if after is not None:
+                self._jobs[job_id] = _JobRecord(after, now)
+                order = self._order.get(job_id)
+                if order is None:
+                    self._order[job_id] = [event_id]
+                else:
+                    order.append(event_id)
+            return applied
 
     def _apply_one(self, batch: _Batch, event: JobEvent, now: datetime) -> Applied:
         event_id = event.event_id
         seen = batch.rows.get(event_id) or self._rows.get(event_id)
-        if seen is not None:
-            counted = replace(seen, duplicates=seen.duplicates + 1)
-            batch.rows[event_id] = counted
-            return Applied(row=counted, duplicate=True)
-        job = self._job(batch, event.job_id)
-        after, row = apply(job, event, now)
-        row = normalised(row)
-        batch.jobs[event.job_id] = _JobRecord(after, now)
-        batch.rows[event_id] = row
-        batch.new.append((event_id, row))
-        return Applied(row=row, duplicate=False)
-
-    def _job(self, batch: _Batch, job_id: str) -> Job:
-        record = batch.jobs.get(job_id) or self._jobs.get(job_id)
-        return record.job if record else Job(job_id=job_id)
+        record = None if seen else batch.jobs.get(event.job_id) or self._jobs.get(event.job_id)
+        applied, after = _applied(event, seen, record.job if record else None, now)
+        batch.rows[event_id] = applied.row
+        if after is not None:
+            batch.jobs[event.job_id] = _JobRecord(after, now)
+            batch.new.append((event_id, applied.row))
+        return applied
 
     def _commit(self, batch: _Batch) -> None:
         self._jobs.update(batch.jobs)

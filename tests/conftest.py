@@ -9,6 +9,7 @@ the ones containers/build makes without a registry), else the official images.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -88,16 +89,25 @@ def delete_namespace(amqp_url: str, ns: str) -> None:
     delete_topology(amqp_url, topology(ns), retry_seconds=5)
 
 
-@pytest.fixture
-def pg_store_url(pg_url: str) -> Iterator[str]:
-    """A PostgreSQL store URL whose tables live in a schema of this test's own."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def pg_schema(pg_url: str, prefix: str = "t_") -> Iterator[str]:
+    """A store URL whose tables live in a PostgreSQL schema of their own, dropped afterwards."""
+    schema = f"{prefix}{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in pg_url else "?"
-    yield f"{pg_url}{sep}options={quote(f'-csearch_path={schema}')}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    try:
+        yield f"{pg_url}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_store_url(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL store URL whose tables live in a schema of this test's own."""
+    with pg_schema(pg_url) as url:
+        yield url
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -21,17 +21,13 @@ from producers.broker import declare_topology
 from schemas.topology import Names, topology
 from tests.cluster.harness import PREFIX, SIZE, Cluster, ClusterChecker, reap_stale
 from tests.conftest import delete_namespace
-from tests.faults.harness import RABBIT_BIN, Daemon, History, daemon_env
+from tests.faults.harness import Daemon, History, daemon_env, need_rabbit_server
 
 
 @pytest.fixture(scope="package")
 def cluster() -> Iterator[Cluster]:
     """Three private nodes, clustered; every one of them killed at the end, whatever happens."""
-    if not (RABBIT_BIN / "rabbitmq-server").exists():
-        message = f"no RabbitMQ server binary at {RABBIT_BIN}: the cluster suite needs one"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need_rabbit_server("cluster")
     reap_stale()
     base = Path(tempfile.mkdtemp(prefix=PREFIX))
     cluster = Cluster(base)

@@ -45,7 +45,7 @@ from typing import Any
 from consumers.store.factory import open_store
 from producers.publisher import Publisher
 from schemas.events import Event
-from tests.faults.harness import RABBIT_BIN, Checker, History, RabbitNode
+from tests.faults.harness import Checker, History, RabbitNode
 
 SIZE = 3
 NET_TICKTIME = 5
@@ -102,15 +102,8 @@ class ClusterNode(RabbitNode):
 
     def launch(self) -> None:
         """Start the node's process group without waiting for it; recorded for ``reap_stale``."""
-        out = (self.base / "server.out").open("ab")
-        self.process = subprocess.Popen(
-            [str(RABBIT_BIN / "rabbitmq-server")],
-            env=self.env,
-            cwd=self.base,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().launch()
+        assert self.process is not None
         (self.base / "pgid").write_text(str(self.process.pid))
         self.paused = False
 

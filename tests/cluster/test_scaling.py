@@ -25,10 +25,9 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -41,7 +40,7 @@ from schemas.codes import Action, Code, JobStatus
 from schemas.events import Event
 from schemas.topology import Names, topology
 from tests.cluster.harness import SIZE, Cluster, record
-from tests.conftest import delete_namespace
+from tests.conftest import delete_namespace, pg_schema
 from tests.faults.harness import (
     POLICY,
     Daemon,
@@ -136,26 +135,12 @@ class Run:
         return round(self.events / sum(self.seconds), 1)
 
 
-@contextlib.contextmanager
-def pg_schema(pg_url: str) -> Iterator[str]:
-    """A store URL whose tables live in a schema of their own, dropped afterwards."""
-    schema = f"c_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in pg_url else "?"
-    try:
-        yield f"{pg_url}{sep}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
 def run(cluster: Cluster, pg_url: str, phases: Sequence[Phase], instances: int, tmp: Any) -> Run:
     """The stream through ``instances`` classifiers and job-state consumers, each pair on a
     different first node; the time each phase took, and the store's histories."""
     ns = f"s-{uuid.uuid4().hex[:10]}"
     declare_topology(cluster.urls(), topology(ns, quorum_size=SIZE), retry_seconds=60)
-    with pg_schema(pg_url) as store_url:
+    with pg_schema(pg_url, prefix="c_") as store_url:
         ports = [free_port() for _ in range(2 * instances)]
         procs = [
             Daemon(

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from tests.cluster.harness import RABBIT_BIN, Cluster
+from tests.cluster.harness import Cluster
 from tests.conftest import delete_namespace
-from tests.faults.harness import daemon_env
+from tests.faults.harness import RABBIT_BIN, daemon_env
 
 pytestmark = pytest.mark.cluster
 

@@ -8,7 +8,6 @@ from the same ``rabbitmq-server`` binary with its own name, ports, data director
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -26,17 +25,21 @@ import pytest
 from producers.broker import declare_topology
 from schemas.topology import Names, topology
 from tests.conftest import delete_namespace
-from tests.faults.harness import RABBIT_BIN, Checker, Daemon, History, RabbitNode, daemon_env
+from tests.faults.harness import (
+    RABBIT_BIN,
+    Checker,
+    Daemon,
+    History,
+    RabbitNode,
+    daemon_env,
+    need_rabbit_server,
+)
 
 
 @pytest.fixture(scope="session")
 def rabbit() -> Iterator[RabbitNode]:
     """A private RabbitMQ node for this session; shut down at the end."""
-    if not (RABBIT_BIN / "rabbitmq-server").exists():
-        message = f"no RabbitMQ server binary at {RABBIT_BIN}: the fault suite needs one"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need_rabbit_server("fault")
     base = Path(tempfile.mkdtemp(prefix="exitpipe-faults-rabbit-"))
     node = RabbitNode(base)
     node.start()
